@@ -1,0 +1,223 @@
+"""Building blocks of BHViT in Flax linen (NHWC, tokens `[B, N, C]` in row-major (h, w) order).
+
+Initializers follow PyTorch's defaults (the reference's own init never runs), so a model trained
+here from scratch starts where the reference does.
+"""
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bhvit_jax import quantizers
+
+EPS = 1e-5
+Dtype = Any
+
+
+def torch_uniform(fan_in_axes: Sequence[int]) -> Callable:
+  """PyTorch's default weight/bias init: uniform(±1/sqrt(fan_in))."""
+
+  def init(key, shape, dtype=jnp.float32, fan_in=None):
+    fan_in = fan_in or math.prod(shape[a] for a in fan_in_axes)
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _bias_init(fan_in):
+  return lambda key, shape, dtype=jnp.float32: torch_uniform(())(key, shape, dtype, fan_in)
+
+
+class BinaryDense(nn.Module):
+  """Linear layer with optional 1-bit weights and 1-bit inputs.
+
+  Attributes:
+    features: output width.
+    weight_bits / input_bits: 1 (binarized) or 32 (plain float).
+    recu: ReCU weight normalization (SPEC §2).
+    use_bias: the reference's binary linears have none; the classifier has one.
+  """
+  features: int
+  weight_bits: int = 1
+  input_bits: int = 1
+  recu: bool = False
+  use_bias: bool = False
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x):
+    """`[..., in]` -> `[..., features]`."""
+    fan_in = x.shape[-1]
+    kernel = self.param('kernel', torch_uniform((0,)), (fan_in, self.features))
+    kernel = quantizers.maybe_binarize_weight(kernel, self.weight_bits, self.recu)
+    x = quantizers.maybe_sign(x, self.input_bits)
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param('bias', _bias_init(fan_in), (self.features,)).astype(dtype)
+    return y
+
+
+class BinaryConv(nn.Module):
+  """2-D convolution with optional 1-bit weights/inputs; NHWC, kernel HWIO `[kh, kw, C/g, O]`.
+
+  Attributes:
+    padding: symmetric zero padding on each side (PyTorch's `padding='same'` for odd kernels
+      with dilation d is `d * (k // 2)`).
+    split_groups: compute a grouped conv as one conv per group; XLA's CPU grouped convolution
+      is slow, so this is the faster path there (same numbers).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  groups: int = 1
+  padding: int = 0
+  weight_bits: int = 1
+  input_bits: int = 1
+  use_bias: bool = True
+  split_groups: bool = False
+  dtype: Dtype = None
+
+  @nn.compact
+  def __call__(self, x):
+    """`[B, H, W, C]` -> `[B, H', W', features]`."""
+    in_per_group = x.shape[-1] // self.groups
+    k = self.kernel_size
+    fan_in = in_per_group * k * k
+    kernel = self.param('kernel', torch_uniform((0, 1, 2)), (k, k, in_per_group, self.features))
+    kernel = quantizers.maybe_binarize_weight(kernel, self.weight_bits)
+    x = quantizers.maybe_sign(x, self.input_bits)
+    dtype = self.dtype or x.dtype
+    y = self._conv(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param('bias', _bias_init(fan_in), (self.features,)).astype(dtype)
+    return y
+
+  def _conv(self, x, kernel):
+    conv = lambda lhs, rhs, groups: jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides=(self.stride,) * 2,
+        padding=[(self.padding, self.padding)] * 2, rhs_dilation=(self.dilation,) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+    if self.groups == 1 or not self.split_groups:
+      return conv(x, kernel, self.groups)
+    xs = jnp.split(x, self.groups, axis=-1)
+    ks = jnp.split(kernel, self.groups, axis=-1)
+    return jnp.concatenate([conv(a, b, 1) for a, b in zip(xs, ks)], axis=-1)
+
+
+class RPReLU(nn.Module):
+  """`PReLU_c(x - move1) + move2` over the last axis (slope init 0.25)."""
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    move1 = self.param('move1', nn.initializers.zeros, (c,))
+    slope = self.param('prelu', nn.initializers.constant(0.25), (c,))
+    move2 = self.param('move2', nn.initializers.zeros, (c,))
+    x = x - move1.astype(x.dtype)
+    return jnp.where(x >= 0, x, slope.astype(x.dtype) * x) + move2.astype(x.dtype)
+
+
+class LayerScale(nn.Module):
+  """`x * alpha + move` over the last axis."""
+  init_value: float = 0.1
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    alpha = self.param('alpha', nn.initializers.constant(self.init_value), (c,))
+    move = self.param('move', nn.initializers.zeros, (c,))
+    return x * alpha.astype(x.dtype) + move.astype(x.dtype)
+
+
+class Bias(nn.Module):
+  """A learnable per-channel offset `x + bias` (the reference's `move` parameters)."""
+  param_name: str = 'bias'
+
+  @nn.compact
+  def __call__(self, x):
+    bias = self.param(self.param_name, nn.initializers.zeros, (x.shape[-1],))
+    return x + bias.astype(x.dtype)
+
+
+class TokenNorm(nn.Module):
+  """The reference's token norm over the last axis, eps 1e-5.
+
+  `kind='batch'`: BatchNorm over all other axes with PyTorch's semantics: training normalizes
+  with the biased batch variance and updates the running statistics with momentum 0.1 and the
+  *unbiased* variance. Under `jit` with a sharded batch the means are over the global batch,
+  as PyTorch's SyncBatchNorm. `kind='layer'`: LayerNorm with a two-pass variance.
+  """
+  kind: str = 'batch'
+  momentum: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,))
+    bias = self.param('bias', nn.initializers.zeros, (c,))
+    stats_x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if self.kind == 'layer':
+      mean, var = _moments(stats_x, (x.ndim - 1,), keepdims=True)
+    else:
+      mean, var = self._batch_moments(stats_x, train)
+    inv = jax.lax.rsqrt(var + EPS)
+    y = (stats_x - mean) * inv * scale.astype(stats_x.dtype) + bias.astype(stats_x.dtype)
+    return y.astype(x.dtype)
+
+  def _batch_moments(self, x, train):
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    count = self.variable('batch_stats', 'num_batches_tracked', jnp.zeros, (), jnp.int32)
+    if not train:
+      return ra_mean.value.astype(x.dtype), ra_var.value.astype(x.dtype)
+    mean, var = _moments(x, tuple(range(x.ndim - 1)))
+    if not self.is_initializing():
+      n = x.size // c
+      m = self.momentum
+      unbiased = var * (n / (n - 1))
+      ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(ra_mean.value.dtype)
+      ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(ra_var.value.dtype)
+      count.value = count.value + 1
+    return mean, var
+
+
+def _moments(x, axes, keepdims=False):
+  mean = jnp.mean(x, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=keepdims)
+  return (mean if keepdims else jnp.squeeze(mean, axes)), var
+
+
+def shift_mean(x, axis: int, reach: int):
+  """Mean of x rolled by every offset in {0, ±1, …, ±reach} along `axis` (circular)."""
+  total = x
+  for s in range(1, reach + 1):
+    total = total + jnp.roll(x, s, axis=axis) + jnp.roll(x, -s, axis=axis)
+  return total / (2 * reach + 1)
+
+
+def shift_channel_mix(x, offset: int):
+  """Four contiguous channel groups rolled by +offset/-offset along H, then along W.
+
+  Args:
+    x: `[B, H, W, C]`, C divisible by 4.
+  """
+  g = jnp.split(x, 4, axis=-1)
+  return jnp.concatenate([
+      jnp.roll(g[0], offset, axis=1), jnp.roll(g[1], -offset, axis=1),
+      jnp.roll(g[2], offset, axis=2), jnp.roll(g[3], -offset, axis=2)], axis=-1)
+
+
+def drop_path(x, rate: float, deterministic: bool, rng_owner: nn.Module):
+  """Per-sample stochastic depth: drop the whole branch with probability `rate`."""
+  if deterministic or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  rng = rng_owner.make_rng('dropout')
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)

@@ -1,0 +1,477 @@
+"""BHViT, the Binarized Hybrid Vision Transformer, in Flax linen (SPEC.md §4).
+
+Layout is NHWC throughout; `[B, H, W, C]` flattened over (H, W) is exactly the reference's
+row-major token order, so no transposes are needed between grid and token views. Module and
+parameter names mirror the PyTorch state dict (see `convert.py`).
+
+Variable collections: `params`; `batch_stats` (BatchNorm running statistics);
+`quant_state` (the non-gsb attention quantizer's calibration flag); `intermediates` (attention
+maps: softmax probabilities and gsb scales, when `apply(..., mutable=['intermediates'])`).
+"""
+import dataclasses
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bhvit_jax import layers
+from bhvit_jax import quantizers
+from bhvit_jax.layers import BinaryConv, BinaryDense, Bias, LayerScale, RPReLU, TokenNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """What every block needs to know about the network's flags."""
+  weight_bits: int
+  input_bits: int
+  norm: str
+  recu: bool
+  gsb: bool
+  shift3: bool
+  shift5: bool
+  layerscale: bool
+  window_size: int
+  split_groups: bool
+  dtype: Any
+
+
+def _dense(spec, features, name):
+  return BinaryDense(features, spec.weight_bits, spec.input_bits, spec.recu, name=name,
+                     dtype=spec.dtype)
+
+
+class TokenMixer(nn.Module):
+  """Three binary 3x3 grouped convs with dilations 1/3/5 (the reference's `GC`)."""
+  spec: BlockSpec
+
+  @nn.compact
+  def __call__(self, x, train):
+    """`[B, H, W, C]` -> `[B, H, W, C]`."""
+    s = self.spec
+    c = x.shape[-1]
+    x = Bias(name='move')(x)
+    total = 0
+    for i, dilation in enumerate((1, 3, 5), start=1):
+      conv = BinaryConv(c, 3, dilation=dilation, groups=4, padding=dilation,
+                        weight_bits=s.weight_bits, input_bits=s.input_bits,
+                        split_groups=s.split_groups, dtype=s.dtype, name=f'cov{i}')
+      total = total + RPReLU(name=f'act{i}')(conv(x))
+    return TokenNorm(s.norm, name='norm')(total, train)
+
+
+class Projection(nn.Module):
+  """`RPReLU(norm(binary_linear(x + move)) + residual(x))`, the reference's binary linear unit.
+
+  `residual` repeats x along channels when widening and averages runs of channels when
+  narrowing (the MLP's shortcuts); equal widths add x itself.
+  """
+  spec: BlockSpec
+  features: int
+  layerscale: bool = False
+
+  @nn.compact
+  def __call__(self, x, train):
+    """`[..., C]` -> `[..., features]`."""
+    c = x.shape[-1]
+    move = self.param('move', nn.initializers.zeros, (c,)).astype(x.dtype)
+    y = _dense(self.spec, self.features, 'dense')(x + move)
+    y = TokenNorm(self.spec.norm, name='norm')(y, train) + _match_width(x, self.features)
+    y = RPReLU(name='rprelu')(y)
+    if self.layerscale:
+      y = LayerScale(name='layerscale')(y)
+    return y
+
+
+def _match_width(x, features):
+  c = x.shape[-1]
+  if features == c:
+    return x
+  if features % c == 0:
+    return jnp.tile(x, (1,) * (x.ndim - 1) + (features // c,))
+  ratio = c // features
+  return jnp.mean(x.reshape(x.shape[:-1] + (features, ratio)), axis=-1)
+
+
+def window_partition(x, w):
+  """`[B, H, W, C]` -> `[B·(H/w)·(W/w), w·w, C]`, windows and tokens in row-major order."""
+  b, h, wd, c = x.shape
+  x = x.reshape(b, h // w, w, wd // w, w, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, w * w, c)
+
+
+def window_merge(x, w, b, h, wd):
+  """Inverse of `window_partition`: `[B·nW, w·w, C]` -> `[B, H, W, C]`."""
+  c = x.shape[-1]
+  x = x.reshape(b, h // w, wd // w, w, w, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, wd, c)
+
+
+def pool_global_tokens(x, w, a1):
+  """`a1·maxpool + (1−a1)·avgpool` (kernel = stride = w, padding w//2) -> `[B, G·G, C]`."""
+  pad = ((w // 2, w // 2),) * 2
+  mx = nn.max_pool(x, (w, w), strides=(w, w), padding=pad)
+  avg = nn.avg_pool(x, (w, w), strides=(w, w), padding=pad, count_include_pad=True)
+  a1 = a1.astype(x.dtype)
+  pooled = a1 * mx + (1.0 - a1) * avg
+  return pooled.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class TokenFA(nn.Module):
+  """Window tokens plus the image's pooled global tokens, LayerNorm-ed (`token_FA`)."""
+  window_size: int
+
+  @nn.compact
+  def __call__(self, x):
+    """`[B, H, W, C]` -> `[B·nW, w·w + G·G, C]` with nW = (H/w)·(W/w) windows, G = H/w."""
+    b, c = x.shape[0], x.shape[-1]
+    a1 = self.param('a1', nn.initializers.constant(0.5), (c,))
+    windows = window_partition(x, self.window_size)
+    global_tokens = pool_global_tokens(x, self.window_size, a1)
+    repeated = jnp.repeat(global_tokens, windows.shape[0] // b, axis=0)
+    return TokenNorm('layer', name='norm')(jnp.concatenate([windows, repeated], axis=1))
+
+
+class SelfAttention(nn.Module):
+  """Window attention with pooled global tokens and binarized q/k/v (`attention.attention`)."""
+  spec: BlockSpec
+  num_heads: int
+  calibrate: bool = False
+
+  @nn.compact
+  def __call__(self, x, train):
+    """`[B, H, W, C]` -> `[B, H, W, C]` (before the output projection)."""
+    s = self.spec
+    b, h, wd, c = x.shape
+    w = s.window_size
+    tokens = TokenFA(w, name='token_FA')(x)
+    mixed = [self._qkv(tokens, p, train) for p in ('q', 'k', 'v')]
+    q, k, v = (self._signed(m, p) for m, p in zip(mixed, ('q', 'k', 'v')))
+    context = self._attend(q, k, v, train)
+    context = TokenNorm(s.norm, name='norm_context')(context, train)
+    context = RPReLU(name='rprelu_context')(context + mixed[0] + mixed[1] + mixed[2])
+
+    n_win = context.shape[0] // b
+    g = h // w
+    local = window_merge(context[:, :w * w], w, b, h, wd)
+    glob = jnp.mean(context[:, w * w:].reshape(b, n_win, g, wd // w, c), axis=1)
+    glob = jnp.repeat(jnp.repeat(glob, w, axis=1), w, axis=2)
+    parm = self.param('parm', nn.initializers.constant(0.5), (c,)).astype(x.dtype)
+    return local * parm + glob * (1.0 - parm)
+
+  def _qkv(self, t, p, train):
+    names = {'q': 'query', 'k': 'key', 'v': 'value'}
+    move = self.param(f'move{p}', nn.initializers.zeros, (t.shape[-1],)).astype(t.dtype)
+    y = _dense(self.spec, t.shape[-1], names[p])(t + move)
+    y = TokenNorm(self.spec.norm, name=f'norm{p}')(y, train) + t
+    return RPReLU(name=f'rprelu{p}')(y)
+
+  def _signed(self, mixed, p):
+    move = self.param(f'move{p}2', nn.initializers.zeros, (mixed.shape[-1],))
+    return quantizers.maybe_sign(mixed + move.astype(mixed.dtype), self.spec.input_bits)
+
+  def _attend(self, q, k, v, train):
+    n, t, c = q.shape
+    heads = self.num_heads
+    d = c // heads
+    split = lambda a: a.reshape(n, t, heads, d).transpose(0, 2, 1, 3)
+    scores = jnp.einsum('nhqd,nhkd->nhqk', split(q), split(k)) / np.sqrt(d).astype(q.dtype)
+    probs = jax.nn.softmax(scores, axis=-1)
+    self.sow('intermediates', 'attention_probs', probs)
+    probs = self._quantize(probs, train)
+    context = jnp.einsum('nhqk,nhkd->nhqd', probs, split(v))
+    return context.transpose(0, 2, 1, 3).reshape(n, t, c)
+
+  def _quantize(self, probs, train):
+    s = self.spec
+    if s.input_bits != 1:
+      return probs
+    if s.gsb:
+      alphas = [self.param(name, nn.initializers.constant(init), ())
+                for name, init in (('att_prob_clip', 0.005), ('att_prob_clip2', 1.0),
+                                   ('att_prob_clip3', 1.0))]
+      self.sow('intermediates', 'gsb_alphas', jnp.stack(alphas))
+      return quantizers.gsb_quantize(probs, *alphas)
+    return LSQAttentionQuantizer(self.num_heads, self.calibrate,
+                                 name='att_prob_quantizer')(3 * probs, train)
+
+
+class LSQAttentionQuantizer(nn.Module):
+  """The non-gsb 3-level LSQ quantizer with its first-batch calibration.
+
+  Calibration is explicit: `model.apply(..., train=True, mutable=[...,'params','quant_state'])`
+  with `calibrate=True` in `BHViT` sets α, z from the batch (see `calibrate`).
+  """
+  heads: int
+  calibrate: bool = False
+
+  @nn.compact
+  def __call__(self, x, train):
+    """`x = 3·P`, `[N, heads, Nq, Nk]`."""
+    alpha = self.param('alpha', nn.initializers.ones, (self.heads,))
+    zero_point = self.param('zero_point', nn.initializers.zeros, (self.heads,))
+    init_state = self.variable('quant_state', 'init_state', jnp.zeros, (1,), jnp.float32)
+    if train and self.calibrate and not self.is_initializing():
+      # Only quantizers that were never calibrated take the batch's values, as in the reference.
+      fresh = init_state.value[0] == 0
+      new_alpha, new_zero = quantizers.lsq_calibrate(x, zero_point)
+      alpha = jnp.where(fresh, new_alpha, alpha)
+      zero_point = jnp.where(fresh, new_zero, zero_point)
+      self.sow('calibration', 'alpha', alpha)
+      self.sow('calibration', 'zero_point', zero_point)
+      init_state.value = jnp.ones_like(init_state.value)
+    return quantizers.lsq_quantize(x, alpha, zero_point)
+
+
+class Block(nn.Module):
+  """One BHViT block: token mixer (conv-like or attention), binary MLP, shift residuals."""
+  spec: BlockSpec
+  kind: str  # 'conv' (stages 1-2) or 'attention' (stages 3-4)
+  num_heads: int
+  mlp_size: int
+  drop_path: float = 0.0
+  calibrate: bool = False
+
+  @nn.compact
+  def __call__(self, h, train):
+    """`[B, H, W, C]` -> `[B, H, W, C]`."""
+    s = self.spec
+    c = h.shape[-1]
+    n1 = TokenNorm(s.norm, name='layernorm_before')(h, train)
+    h = self._mixer(n1, train) + h
+    n2 = TokenNorm(s.norm, name='layernorm_after')(h, train)
+    u = Projection(s, self.mlp_size, name='intermediate')(n2, train)
+    out = Projection(s, c, layerscale=s.layerscale, name='output')(u, train)
+    out = layers.drop_path(out, self.drop_path, not train, self) + h
+    for reach, flag in ((1, s.shift3), (2, s.shift5)):
+      if flag:
+        n = 2 * reach + 1
+        out = out + LayerScale(0.0, name=f'layerscale_h{n}')(layers.shift_mean(n2, 1, reach))
+        out = out + LayerScale(0.0, name=f'layerscale_w{n}')(layers.shift_mean(n2, 2, reach))
+        out = out + LayerScale(0.0, name=f'layerscale_ch{n}')(
+            layers.shift_channel_mix(n2, reach))
+    return out
+
+  def _mixer(self, n1, train):
+    if self.kind == 'conv':
+      return TokenMixer(self.spec, name='GC')(n1, train)
+    return AttentionUnit(self.spec, self.num_heads, self.calibrate, name='attention')(n1, train)
+
+
+class AttentionUnit(nn.Module):
+  """Self-attention followed by its output projection (`attention.attention`/`.output`)."""
+  spec: BlockSpec
+  num_heads: int
+  calibrate: bool = False
+
+  @nn.compact
+  def __call__(self, x, train):
+    """`[B, H, W, C]` -> `[B, H, W, C]`."""
+    y = SelfAttention(self.spec, self.num_heads, self.calibrate, name='attention')(x, train)
+    return Projection(self.spec, x.shape[-1], layerscale=self.spec.layerscale,
+                      name='output')(y, train)
+
+
+class Downsample(nn.Module):
+  """Stage transition `C -> 2C`, `H -> H/2` (the reference's `patch_embedK`).
+
+  Binary: `RPReLU(norm(binary conv 2x2/2 (norm0(h) + move)) + avgpool2x2(norm0(h)) tiled) + pos`.
+  Full precision (`some_fp`): `norm(conv 2x2/2 (norm0(h))) + pos`.
+  """
+  spec: BlockSpec
+  features: int
+  full_precision: bool
+
+  @nn.compact
+  def __call__(self, h, train):
+    """`[B, H, W, C]` -> `[B, H/2, W/2, features]`."""
+    s = self.spec
+    b, hh, ww, c = h.shape
+    n = TokenNorm(s.norm, name='norm0')(h, train)
+    pos = self.param('position_embeddings', nn.initializers.truncated_normal(0.02),
+                     (1, hh // 2, ww // 2, self.features))
+    bits = 32 if self.full_precision else None
+    conv = BinaryConv(self.features, 2, stride=2, use_bias=False,
+                      weight_bits=bits or s.weight_bits, input_bits=bits or s.input_bits,
+                      dtype=s.dtype, name='proj')
+    if self.full_precision:
+      return TokenNorm(s.norm, name='norm')(conv(n), train) + pos.astype(n.dtype)
+    move = self.param('move', nn.initializers.zeros, (c,)).astype(n.dtype)
+    residual = nn.avg_pool(n, (2, 2), strides=(2, 2))
+    y = TokenNorm(s.norm, name='norm')(conv(n + move), train)
+    y = RPReLU(name='rprelu')(y + _match_width(residual, self.features))
+    return y + pos.astype(y.dtype)
+
+
+class Embeddings(nn.Module):
+  """Full-precision stem: conv patch_size x patch_size (stride = patch), norm, GELU, + pos."""
+  spec: BlockSpec
+  features: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, images, train):
+    """`[B, H, W, 3]` -> `[B, H/p, W/p, features]`."""
+    p = self.patch_size
+    x = PatchEmbeddings(self.spec, self.features, p, name='patch_embeddings')(images, train)
+    pos = self.param('position_embeddings', nn.initializers.truncated_normal(0.02),
+                     (1,) + x.shape[1:])
+    return x + pos.astype(x.dtype)
+
+
+class PatchEmbeddings(nn.Module):
+  spec: BlockSpec
+  features: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, images, train):
+    x = BinaryConv(self.features, self.patch_size, stride=self.patch_size, weight_bits=32,
+                   input_bits=32, dtype=self.spec.dtype, name='proj')(images)
+    x = TokenNorm(self.spec.norm, name='norm')(x, train)
+    return nn.gelu(x, approximate=False)
+
+
+class BHViT(nn.Module):
+  """The Binarized Hybrid Vision Transformer (defaults: BHViT-tiny, published flags)."""
+  hidden_sizes: Sequence[int] = (64, 128, 256, 512)
+  depths: Sequence[int] = (2, 2, 6, 2)
+  num_heads: Sequence[int] = (1, 1, 4, 8)
+  mlp_sizes: Sequence[int] = (512, 1024, 1024, 2048)
+  num_classes: int = 1000
+  image_size: int = 224
+  patch_size: int = 4
+  window_size: int = 7
+  weight_bits: int = 1
+  input_bits: int = 1
+  norm: str = 'batch'
+  shift3: bool = True
+  shift5: bool = True
+  some_fp: bool = True
+  gsb: bool = False
+  recu: bool = False
+  disable_layerscale: bool = False
+  drop_path: float = 0.0
+  split_groups: bool = False
+  remat: bool = False
+  dtype: Any = None
+
+  def spec(self) -> BlockSpec:
+    return BlockSpec(self.weight_bits, self.input_bits, self.norm, self.recu, self.gsb,
+                     self.shift3, self.shift5, not self.disable_layerscale, self.window_size,
+                     self.split_groups, self.dtype)
+
+  @nn.compact
+  def __call__(self, images, train: bool = False, calibrate: bool = False):
+    """`[B, H, W, 3]` images -> `[B, num_classes]` logits."""
+    validate(self)
+    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f'expected images [B, {self.image_size}, {self.image_size}, 3] (NHWC), '
+                       f'got shape {tuple(images.shape)}')
+    spec = self.spec()
+    if self.dtype is not None:
+      images = images.astype(self.dtype)
+    h = Embeddings(spec, self.hidden_sizes[0], self.patch_size, name='embeddings')(images, train)
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    rates = np.linspace(0, self.drop_path, sum(self.depths))
+    n_conv = self.depths[0] + self.depths[1]
+    i = 0
+    for stage, depth in enumerate(self.depths):
+      for _ in range(depth):
+        kind = 'conv' if stage < 2 else 'attention'
+        name = f'layerA_{i}' if i < n_conv else f'layerB_{i - n_conv}'
+        h = block_cls(spec, kind, self.num_heads[stage], self.mlp_sizes[stage],
+                      float(rates[i]), calibrate, name=name)(h, train)
+        i += 1
+      if stage < 3:
+        h = Downsample(spec, self.hidden_sizes[stage + 1], self.some_fp,
+                       name=f'patch_embed{stage + 1}')(h, train)
+    h = TokenNorm(self.norm, name='layernorm')(h, train)
+    pooled = jnp.mean(h.reshape(h.shape[0], -1, h.shape[-1]), axis=1)
+    return BinaryDense(self.num_classes, 32, 32, use_bias=True, name='classifier')(pooled)
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(BHViT) if f.name not in ('parent', 'name'))
+
+
+def validate(m: BHViT):
+  """Raises ValueError naming every inconsistency of a BHViT configuration."""
+  errors = []
+  sizes = (m.hidden_sizes, m.depths, m.num_heads, m.mlp_sizes)
+  if any(len(v) != 4 for v in sizes):
+    errors.append('hidden_sizes, depths, num_heads and mlp_sizes need 4 entries each (stages), '
+                  f'got {[len(v) for v in sizes]}')
+  else:
+    for st in range(4):
+      c = m.hidden_sizes[st]
+      if st and c != 2 * m.hidden_sizes[st - 1]:
+        errors.append(f'hidden_sizes[{st}]={c} must be twice hidden_sizes[{st - 1}] '
+                      '(downsampling doubles the width)')
+      if m.mlp_sizes[st] % c:
+        errors.append(f'mlp_sizes[{st}]={m.mlp_sizes[st]} is not an integer multiple of '
+                      f'hidden_sizes[{st}]={c} (MLP ratio must be an integer)')
+      if c % 4:
+        errors.append(f'hidden_sizes[{st}]={c} must be divisible by 4 (grouped convs, shifts)')
+      if st >= 2 and c % m.num_heads[st]:
+        errors.append(f'num_heads[{st}]={m.num_heads[st]} does not divide hidden_sizes[{st}]={c}')
+      if m.depths[st] < 1:
+        errors.append(f'depths[{st}] must be >= 1')
+  w = m.window_size
+  if w < 1 or w % 2 == 0:
+    errors.append(f'window_size={w} must be odd (global-token pooling pads window_size//2)')
+  stride = m.patch_size * 8
+  if m.image_size % stride:
+    errors.append(f'image_size={m.image_size} must be divisible by patch_size*8={stride}')
+  elif w % 2 and any((m.image_size // (m.patch_size * f)) % w for f in (4, 8)):
+    errors.append(f'image_size={m.image_size}: the stage-3/4 grids '
+                  f'{m.image_size // (m.patch_size * 4)} and {m.image_size // (m.patch_size * 8)}'
+                  f' must be divisible by window_size={w}')
+  for name, value, allowed in (('weight_bits', m.weight_bits, (1, 32)),
+                               ('input_bits', m.input_bits, (1, 32)),
+                               ('norm', m.norm, ('batch', 'layer'))):
+    if value not in allowed:
+      errors.append(f'{name}={value!r} must be one of {allowed}')
+  if errors:
+    raise ValueError('invalid BHViT configuration:\n  ' + '\n  '.join(errors))
+
+
+def from_config(cfg) -> BHViT:
+  """Builds `BHViT` from a mapping (e.g. `config.model`); unknown keys are an error."""
+  cfg = dict(cfg)
+  unknown = sorted(set(cfg) - set(MODEL_FIELDS))
+  if unknown:
+    import difflib
+    hints = [f'{k} (did you mean {difflib.get_close_matches(k, MODEL_FIELDS, 1)[0]}?)'
+             if difflib.get_close_matches(k, MODEL_FIELDS, 1) else k for k in unknown]
+    raise ValueError(f'unknown model config keys: {", ".join(hints)}')
+  for key in ('hidden_sizes', 'depths', 'num_heads', 'mlp_sizes'):
+    if key in cfg:
+      cfg[key] = tuple(cfg[key])
+  if isinstance(cfg.get('dtype'), str):
+    cfg['dtype'] = jnp.dtype(cfg['dtype'])
+  model = BHViT(**cfg)
+  validate(model)
+  return model
+
+
+def calibrate(model: BHViT, variables, images):
+  """The non-gsb attention quantizer's first-batch calibration as an explicit, pure step.
+
+  Runs one train-mode forward in which every uncalibrated quantizer sets α and z from its
+  input (SPEC §2) and uses them. Returns `(variables, logits)`: params with the calibrated α,
+  z and `quant_state` flags set; batch statistics are left as they were (the first train
+  step updates them, as the reference's first forward does once).
+  """
+  if not variables.get('quant_state'):
+    return variables, None
+  logits, updates = model.apply(variables, images, train=True, calibrate=True,
+                                mutable=['batch_stats', 'quant_state', 'calibration'])
+  flat = flax.traverse_util.flatten_dict(variables['params'])
+  for path, value in flax.traverse_util.flatten_dict(updates['calibration']).items():
+    flat[path] = value[0] if isinstance(value, tuple) else value
+  new = dict(variables)
+  new['params'] = flax.traverse_util.unflatten_dict(flat)
+  new['quant_state'] = updates['quant_state']
+  return new, logits
