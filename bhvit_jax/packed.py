@@ -1,0 +1,246 @@
+"""Deployable bit-packed BHViT: export, file format and XNOR-popcount inference.
+
+File (msgpack via `flax.serialization`), a dict:
+- `format`: 'bhvit-packed-v1'; `model`: JSON of the BHViT fields.
+- `binary/<module path>`: every binarized layer: `sign` uint32 `[O, ceil(K/32)]`, the bits
+  (w > 0) of its binarized weight packed LSB-first along the fan-in axis K (dense: `in`; conv:
+  the im2col order (kh, kw, c_in/groups)); `nonzero` (same shape) only when some centred weight
+  is exactly 0 (sign(0) = 0, SPEC §7); `scale`, `shift` `[O]`: the per-output affine applied to
+  the integer dot product. `scale` is s_o = mean|W_o| of the raw latent weight, times the
+  following eval-mode BatchNorm when one directly follows the layer (`FOLLOWING_NORM`); `shift`
+  is the conv bias or that BatchNorm's shift.
+- `norms/<module path>`: every other eval-mode BatchNorm as `scale`, `shift` (x·scale + shift);
+  an empty dict marks a BatchNorm folded into the binary layer before it.
+- `variables`: the remaining full-precision variables (float32 or float16), no batch_stats.
+
+Inference runs the lead's `BHViT` unchanged, with `flax.linen.intercept_methods` replacing the
+binary layers and the BatchNorms by their packed forms, so the network structure is never
+duplicated here. Binary layers compute `Σ sign(x)·sign(w)` as XNOR-popcount over uint32 words
+with a nonzero bit-plane for the activations, which handles sign(0) = 0 exactly, including the
+zero padding of convs (padded positions carry nonzero = 0) and the unused tail bits of the last
+word. The attention products q·kᵀ and P·v have no weights and run as in the float model.
+"""
+import json
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bhvit_jax import layers
+from bhvit_jax import model as model_lib
+from bhvit_jax import ops_count
+from bhvit_jax import quantizers
+
+FORMAT = 'bhvit-packed-v1'
+WORD_BITS = 32
+# A binary layer whose eval-mode BatchNorm (a sibling module) takes its output directly.
+FOLLOWING_NORM = {'dense': 'norm', 'query': 'normq', 'key': 'normk', 'value': 'normv',
+                  'proj': 'norm'}
+
+
+def pack_bits(bits):
+  """bool `[..., K]` -> uint32 `[..., ceil(K/32)]`; element 32·i + j is bit j of word i."""
+  k = bits.shape[-1]
+  words = -(-k // WORD_BITS)
+  bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, words * WORD_BITS - k)])
+  bits = bits.reshape(bits.shape[:-1] + (words, WORD_BITS)).astype(jnp.uint32)
+  return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def unpack_bits(words, k: int):
+  """Inverse of `pack_bits`: uint32 `[..., W]` -> bool `[..., k]`."""
+  bits = (words[..., None] >> jnp.arange(WORD_BITS, dtype=jnp.uint32)) & 1
+  return bits.reshape(words.shape[:-1] + (-1,))[..., :k].astype(bool)
+
+
+def xnor_popcount_dot(a_sign, a_nonzero, w_sign, w_nonzero=None):
+  """`Σ_k sign(a)·sign(w)` for signs in {-1, 0, 1} given as bit-planes.
+
+  Args:
+    a_sign, a_nonzero: uint32 `[..., G, W]`: bits of a > 0 and a != 0.
+    w_sign: uint32 `[G, O, W]`; w_nonzero: same or None (every weight sign is ±1).
+  Returns:
+    int32 `[..., G, O]`: (#agreeing − #disagreeing) over positions where both are nonzero.
+  """
+  count = lambda v: jnp.sum(jax.lax.population_count(v).astype(jnp.int32), axis=-1)
+  a_sign, a_nonzero = a_sign[..., None, :], a_nonzero[..., None, :]
+  if w_nonzero is None:
+    return count(a_nonzero) - 2 * count(a_nonzero & (a_sign ^ w_sign))
+  both = a_nonzero & w_nonzero
+  return count(both) - 2 * count(both & (a_sign ^ w_sign))
+
+
+def im2col(x, k: int, stride: int, dilation: int, padding: int, groups: int):
+  """`[B, H, W, C]` -> `[B, H', W', groups, k·k·C/groups]` in the HWIO kernel's (kh, kw, c) order.
+
+  Padding is with zeros (False for bool inputs), whose sign is 0 as in the float model.
+  """
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out_h = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  out_w = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  taps = [xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
+             j * dilation:j * dilation + stride * (out_w - 1) + 1:stride]
+          for i in range(k) for j in range(k)]
+  cols = jnp.stack(taps, axis=3).reshape(b, out_h, out_w, k * k, groups, c // groups)
+  return cols.transpose(0, 1, 2, 4, 3, 5).reshape(b, out_h, out_w, groups, -1)
+
+
+def _binary_layer(module, x, entry):
+  """Packed replacement of a BinaryDense / BinaryConv call; `x` is its (unsigned) input."""
+  if isinstance(module, layers.BinaryDense):
+    cols, groups = x[..., None, :], 1
+  else:
+    groups = module.groups
+    cols = im2col(x, module.kernel_size, module.stride, module.dilation, module.padding, groups)
+  fan_in = cols.shape[-1]
+  w_sign = entry['sign'].reshape(groups, -1, entry['sign'].shape[-1])
+  w_nonzero = entry.get('nonzero')
+  if w_nonzero is not None:
+    w_nonzero = w_nonzero.reshape(w_sign.shape)
+  if module.input_bits == 1:
+    dot = xnor_popcount_dot(pack_bits(cols > 0), pack_bits(cols != 0), w_sign, w_nonzero)
+  else:
+    signs = _signs(w_sign, w_nonzero, fan_in).astype(cols.dtype)
+    dot = jnp.einsum('...gk,gok->...go', cols, signs)
+  dot = dot.reshape(dot.shape[:-2] + (-1,)).astype(jnp.float32)
+  return dot * entry['scale'].astype(jnp.float32) + entry['shift'].astype(jnp.float32)
+
+
+def _signs(w_sign, w_nonzero, fan_in):
+  signs = jnp.where(unpack_bits(w_sign, fan_in), 1, -1)
+  return signs if w_nonzero is None else signs * unpack_bits(w_nonzero, fan_in)
+
+
+def _interceptor(packed):
+  binary, norms = packed['binary'], packed['norms']
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    key = '/'.join(module.path)
+    if context.method_name == '__call__':
+      if isinstance(module, (layers.BinaryDense, layers.BinaryConv)) and key in binary:
+        return _binary_layer(module, args[0], binary[key])
+      if isinstance(module, layers.TokenNorm) and key in norms:
+        entry, x = norms[key], args[0]
+        if not entry:
+          return x
+        return x * entry['scale'].astype(x.dtype) + entry['shift'].astype(x.dtype)
+    return next_fun(*args, **kwargs)
+
+  return intercept
+
+
+def apply(model: model_lib.BHViT, packed, images):
+  """Eval-mode logits `[B, classes]` of the packed model; `packed` is `load`'s `arrays`."""
+  variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32)
+                           if jnp.issubdtype(v.dtype, jnp.floating) else v,
+                           packed['variables'])
+  with nn.intercept_methods(_interceptor(packed)):
+    return model.apply(variables, images, train=False)
+
+
+def _fold_norm(params, stats):
+  """Eval BatchNorm -> (scale, shift) in float64."""
+  a = np.asarray(params['scale'], np.float64) / np.sqrt(np.asarray(stats['var'], np.float64)
+                                                        + layers.EPS)
+  return a, np.asarray(params['bias'], np.float64) - np.asarray(stats['mean'], np.float64) * a
+
+
+def _pack_kernel(kernel, recu: bool):
+  """Latent kernel `[..., O]` -> (sign words, nonzero words or None, s_o float64 `[O]`)."""
+  # The model's own binarization decides every sign, so float rounding cannot flip one here.
+  binarized = np.asarray(quantizers.binarize_weight(jnp.asarray(kernel), recu))
+  flat = binarized.reshape(-1, binarized.shape[-1]).T
+  scale = np.mean(np.abs(np.asarray(kernel, np.float64)).reshape(flat.T.shape), axis=0)
+  nonzero = None if np.all(flat != 0) else np.asarray(pack_bits(jnp.asarray(flat != 0)))
+  return np.asarray(pack_bits(jnp.asarray(flat > 0))), nonzero, scale
+
+
+def export(model: model_lib.BHViT, variables, fp_dtype=np.float32) -> dict:
+  """Flax variables of `model` -> the packed tree described in the module docstring."""
+  params = flax.traverse_util.flatten_dict(variables['params'])
+  stats = flax.traverse_util.flatten_dict(variables.get('batch_stats', {}))
+  norm_paths = {p[:-1] for p in stats if p[-1] == 'mean'}
+  binary, norms, used = {}, {}, set()
+  for path in [p for p in params if ops_count.is_binary_kernel(p, model.weight_bits,
+                                                               model.some_fp)]:
+    module = path[:-1]
+    sign, nonzero, scale = _pack_kernel(params[path], model.recu and module[-1] in (
+        'dense', 'query', 'key', 'value'))
+    shift = np.asarray(params.get(module + ('bias',), np.zeros_like(scale)), np.float64)
+    norm = module[:-1] + (FOLLOWING_NORM.get(module[-1], ''),)
+    if norm in norm_paths:
+      a, b = _fold_norm(_group(params, norm), _group(stats, norm))
+      scale, shift = scale * a, shift * a + b
+      norms['/'.join(norm)] = {}
+      used.add(norm)
+    entry = {'sign': sign, 'scale': scale.astype(np.float32), 'shift': shift.astype(np.float32)}
+    if nonzero is not None:
+      entry['nonzero'] = nonzero
+    binary['/'.join(module)] = entry
+    used.update({path, module + ('bias',)})
+  for norm in norm_paths - used:
+    a, b = _fold_norm(_group(params, norm), _group(stats, norm))
+    norms['/'.join(norm)] = {'scale': a.astype(fp_dtype), 'shift': b.astype(fp_dtype)}
+    used.add(norm)
+  rest = {p: _cast(v, fp_dtype) for p, v in params.items()
+          if p not in used and p[:-1] not in used}
+  out_vars = {'params': flax.traverse_util.unflatten_dict(rest)}
+  if variables.get('quant_state'):
+    out_vars['quant_state'] = jax.tree.map(np.asarray, variables['quant_state'])
+  return {'format': FORMAT, 'model': json.dumps(_model_fields(model)), 'binary': binary,
+          'norms': norms, 'variables': out_vars}
+
+
+def _group(flat, prefix):
+  return {p[-1]: v for p, v in flat.items() if p[:-1] == prefix}
+
+
+def _cast(value, dtype):
+  value = np.asarray(value)
+  return value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value
+
+
+def _model_fields(model):
+  fields = {f: getattr(model, f) for f in model_lib.MODEL_FIELDS}
+  fields['dtype'] = None if fields['dtype'] is None else jnp.dtype(fields['dtype']).name
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+def save(tree, path):
+  """Writes an `export` tree; returns the file size in bytes."""
+  data = flax.serialization.msgpack_serialize(tree)
+  with open(path, 'wb') as f:
+    f.write(data)
+  return len(data)
+
+
+def load(path):
+  """Reads a packed file -> (BHViT, arrays for `apply`)."""
+  with open(path, 'rb') as f:
+    tree = flax.serialization.msgpack_restore(f.read())
+  if not isinstance(tree, dict) or tree.get('format') != FORMAT:
+    raise ValueError(f'{path} is not a packed BHViT file (expected format {FORMAT!r})')
+  model = model_lib.from_config(json.loads(tree['model']))
+  return model, {k: tree[k] for k in ('binary', 'norms', 'variables')}
+
+
+def arrays(tree):
+  """The jit-able part of an `export` tree (drops the format and model strings)."""
+  return {k: tree[k] for k in ('binary', 'norms', 'variables')}
+
+
+def float_checkpoint_bytes(variables) -> int:
+  """Size of the float32 params + batch statistics serialized the same way."""
+  tree = {k: jax.tree.map(lambda v: _cast(v, np.float32), variables[k])
+          for k in ('params', 'batch_stats', 'quant_state') if variables.get(k)}
+  return len(flax.serialization.msgpack_serialize(tree))
+
+
+def theoretical_bytes(model: model_lib.BHViT) -> float:
+  """binarized params / 8 + full-precision params · 4 bytes."""
+  counts = ops_count.count(model)
+  return counts.params_binary / 8 + counts.params_fp * 4

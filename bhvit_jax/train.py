@@ -1,0 +1,538 @@
+r"""Trains BHViT: `python -m bhvit_jax.train --config configs/demo.py --workdir runs/demo`.
+
+Restarting the same command resumes from the newest checkpoint in WORKDIR/checkpoints (bitwise
+the same result as an uninterrupted run on CPU: the data order, dropout keys and optimizer
+state are all functions of the step). Writes WORKDIR/metrics.jsonl, TensorBoard events in
+WORKDIR/tb and WORKDIR/training.png.
+
+Reusable pieces: `create_train_state`, `make_train_step`, `make_eval_step`, `evaluate`.
+"""
+import functools
+import importlib
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import flax
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from bhvit_jax import checkpoint as ckpt_lib
+from bhvit_jax import data as data_lib
+from bhvit_jax import losses
+from bhvit_jax import model as model_lib
+from bhvit_jax import optim
+
+PyTree = Any
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with NaN/Inf loss or gradients."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (a pytree; checkpointed whole)."""
+  step: jnp.ndarray  # int32 scalar: steps taken, skipped non-finite ones included
+  params: PyTree
+  batch_stats: PyTree
+  quant_state: PyTree
+  opt_state: PyTree
+  nonfinite_in_row: jnp.ndarray  # int32 scalar
+  nonfinite_total: jnp.ndarray  # int32 scalar
+
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats,
+            'quant_state': self.quant_state}
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+  """TrainState at step 0 from model variables ({'params', 'batch_stats'?, 'quant_state'?})."""
+  params = variables['params']
+  zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
+  return TrainState(step=zero(), params=params, batch_stats=variables.get('batch_stats', {}),
+                    quant_state=variables.get('quant_state', {}), opt_state=tx.init(params),
+                    nonfinite_in_row=zero(), nonfinite_total=zero())
+
+
+def binarized_mask(params: PyTree, model) -> PyTree:
+  """Bool pytree of the latent weights the forward pass binarizes (for the sign-flip rate)."""
+  if model.weight_bits != 1:
+    return jax.tree_util.tree_map(lambda _: False, params)
+  binary_proj = not model.some_fp
+
+  def is_binary(path, _):
+    names = losses.path_names(path)
+    if len(names) < 2 or names[-1] != 'kernel':
+      return False
+    return names[-2] in losses.REGULARIZED_MODULES or (
+        binary_proj and names[-2] == 'proj' and names[0].startswith('patch_embed'))
+  return jax.tree_util.tree_map_with_path(is_binary, params)
+
+
+def _centred_signs(w):
+  # Binarization takes the sign of the weight centred per output channel (last axis).
+  w = w.astype(jnp.float32)
+  return jnp.sign(w - jnp.mean(w, axis=tuple(range(w.ndim - 1)), keepdims=True))
+
+
+def sign_flip_rate(old_params: PyTree, new_params: PyTree, mask: PyTree):
+  """Fraction of binarized weights whose binary value's sign changed (0 when none)."""
+  flips, total = jnp.zeros((), jnp.float32), 0
+  for old, new, m in zip(jax.tree_util.tree_leaves(old_params),
+                         jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(mask)):
+    if m:
+      flips += jnp.sum(_centred_signs(old) != _centred_signs(new))
+      total += old.size
+  return flips / max(total, 1)
+
+
+def _all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
+                    lr_fn: Callable, beta_fn: Callable, reg_in_loss: bool = False,
+                    teacher_model=None) -> Callable:
+  """Builds the pure `train_step(state, batch, rng[, teacher_variables]) -> (state, metrics)`.
+
+  `batch` is {'image': [B, H, W, 3] float, 'label': [B] int}; `rng` is the run's base key,
+  folded with the step so dropout keys depend only on (seed, step). A step whose loss or
+  gradients are not finite leaves params, statistics and optimizer state unchanged.
+  """
+  binary = None
+
+  def train_step(state: TrainState, batch, rng, teacher_variables=None):
+    nonlocal binary
+    if binary is None:
+      binary = binarized_mask(state.params, model)
+    images, labels = batch['image'], batch['label']
+    teacher_logits = None
+    if teacher_model is not None:
+      teacher_logits = jax.lax.stop_gradient(
+          teacher_model.apply(teacher_variables, images, train=False)).astype(jnp.float32)
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      if state.quant_state:
+        variables['quant_state'] = state.quant_state
+      logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                                    rngs={'dropout': dropout_rng})
+      logits = logits.astype(jnp.float32)
+      loss, parts = losses.total_loss(
+          logits, labels, teacher_logits, label_smoothing=loss_config.label_smoothing,
+          ce_weight=loss_config.ce_weight, distill_weight=loss_config.distill_weight)
+      if reg_in_loss:
+        loss = loss + beta_fn(state.step) * losses.oscillation_regularizer(params)
+      return loss, (logits, updates.get('batch_stats', {}), parts)
+
+    (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state), nonfinite_in_row=in_row,
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    metrics = {
+        'step': state.step, 'loss': loss, 'ce': parts['ce'], 'kd': parts['kd'],
+        'reg': losses.oscillation_regularizer(state.params), 'lr': lr_fn(state.step),
+        'beta': jnp.asarray(beta_fn(state.step), jnp.float32),
+        'train_top1': jnp.mean(jnp.argmax(logits, -1) == labels),
+        'sign_flip_rate': sign_flip_rate(state.params, new_state.params, binary),
+        'grad_norm': optax.tree.norm(grads), 'finite': finite,
+        'nonfinite_in_row': in_row, 'nonfinite_total': new_state.nonfinite_total}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model) -> Callable:
+  """`eval_step(state, batch) -> sums` of correct predictions, CE and examples (mask-weighted)."""
+
+  def eval_step(state: TrainState, batch):
+    variables = {k: v for k, v in state.variables().items() if v}
+    logits = model.apply(variables, batch['image'], train=False).astype(jnp.float32)
+    mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+    log_probs = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(log_probs, batch['label'][:, None], axis=-1)[:, 0]
+    return {'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+            'loss': jnp.sum(nll * mask), 'count': jnp.sum(mask)}
+  return eval_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
+  """Top-1 (%) and mean CE over one pass of `batches`."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('evaluation set is empty')
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'top1': 100.0 * float(totals['correct']) / count,
+          'loss': float(totals['loss']) / count, 'examples': int(totals['count'])}
+
+
+# ------------------------------------------------------------- loading ---
+
+
+def build_model(model_config, compute_dtype: str = 'float32'):
+  """BHViT with float32 params and `compute_dtype` activations."""
+  fields = dict(model_config)
+  if compute_dtype != 'float32':
+    fields['dtype'] = compute_dtype
+  return model_lib.from_config(fields)
+
+
+def init_variables(model, rng) -> dict:
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(
+      {'params': rng}, images))
+
+
+def load_pretrained(path: str, model, reference: dict) -> dict:
+  """Variables from a PyTorch state dict (.pth/.pt) or an orbax run/checkpoint directory.
+
+  Raises a ShapeMismatchError listing every leaf that differs from `reference`.
+  """
+  if os.path.isdir(path):
+    loaded = ckpt_lib.load_variables(path)
+  elif path.endswith(('.pth', '.pt')):
+    from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
+    loaded = convert.torch_to_flax(convert.load_torch_file(path), model)
+  else:
+    raise ValueError(f'init_from={path!r}: expected a .pth/.pt file or an orbax directory')
+  loaded = {k: v for k, v in loaded.items() if k in reference and v}
+  if 'params' not in loaded:
+    raise ValueError(f'pretrained weights {path} contain no params')
+  ckpt_lib.check_shapes(loaded, {k: reference[k] for k in loaded}, f'pretrained weights {path}')
+  merged = dict(reference)
+  merged.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in loaded.items()})
+  return merged
+
+
+def _needs_calibration(variables) -> bool:
+  # As the reference: a quantizer calibrates on its first train forward iff its flag is 0.
+  flags_ = jax.tree_util.tree_leaves(variables.get('quant_state', {}))
+  return any(not bool(np.all(np.asarray(f))) for f in flags_)
+
+
+def _teacher_bhvit(teacher_config, student_config):
+  if not teacher_config.checkpoint:
+    raise ValueError("loss.teacher.kind='bhvit' needs loss.teacher.checkpoint (.pth or orbax dir)")
+  model_config = student_config.model
+  if teacher_config.get('config'):
+    model_config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+        'teacher_config', teacher_config.config).get_config().model
+  model = build_model(model_config, student_config.compute_dtype)
+  reference = init_variables(model, jax.random.PRNGKey(0))
+  return model, load_pretrained(teacher_config.checkpoint, model, reference)
+
+
+def _teacher_deit(teacher_config, student_config):
+  try:
+    deit = importlib.import_module('bhvit_jax.deit')
+  except ImportError:
+    raise NotImplementedError(
+        "loss.teacher.kind='deit' needs a Flax DeiT (module bhvit_jax.deit with "
+        '`build_teacher(teacher_config, config) -> (module, variables)`), which this project '
+        "does not have yet. Use loss.teacher.kind='bhvit' with a checkpoint of this project, or "
+        "'none'.") from None
+  return deit.build_teacher(teacher_config, student_config)
+
+
+TEACHERS = {'bhvit': _teacher_bhvit, 'deit': _teacher_deit}
+
+
+def build_teacher(config):
+  """(module, variables) of the distillation teacher, or (None, None) for kind 'none'."""
+  kind = config.loss.teacher.kind
+  if kind == 'none':
+    return None, None
+  if kind not in TEACHERS:
+    raise ValueError(f"unknown loss.teacher.kind {kind!r}; expected 'none' or one of "
+                     f'{sorted(TEACHERS)}')
+  return TEACHERS[kind](config.loss.teacher, config)
+
+
+# ------------------------------------------------------------- logging ---
+
+
+class MetricsWriter:
+  """metrics.jsonl (rewritten from the checkpointed history on resume) + TensorBoard."""
+
+  def __init__(self, workdir: str, history: list):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.history = list(history)
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    with open(self.path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in self.history)
+    self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, record: dict):
+    self.history.append(record)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    prefix = record.get('kind', 'train')
+    for key, value in record.items():
+      if key not in ('step', 'kind') and isinstance(value, (int, float)):
+        self._tb.add_scalar(f'{prefix}/{key}', value, record['step'])
+    self._tb.flush()
+
+  def close(self):
+    self._tb.close()
+
+
+def plot_history(history: list, path: str) -> str:
+  """PNG with loss, accuracy, learning rate and sign-flip rate against the step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  train = [r for r in history if r.get('kind') == 'train']
+  evals = [r for r in history if r.get('kind') == 'eval']
+  column = lambda rows, key: ([r['step'] for r in rows], [r[key] for r in rows])
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+  axes[0, 0].plot(*column(train, 'loss'))
+  axes[0, 0].set(title='training loss', xlabel='step')
+  axes[0, 1].plot(*column(train, 'train_top1'), label='train batch')
+  if evals:
+    axes[0, 1].plot(*column(evals, 'top1'), 'o-', label='held-out')
+  axes[0, 1].set(title='top-1 (%)', xlabel='step')
+  axes[0, 1].legend()
+  axes[1, 0].plot(*column(train, 'lr'))
+  axes[1, 0].set(title='learning rate', xlabel='step')
+  axes[1, 1].plot(*column(train, 'sign_flip_rate'))
+  axes[1, 1].set(title='sign-flip rate per step', xlabel='step', yscale='symlog',
+                 ylim=(0, None))
+  axes[1, 1].set_yscale('symlog', linthresh=1e-4)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _summarize(device_metrics: list) -> dict:
+  """Means over a logging interval of per-step metrics fetched from the device."""
+  host = jax.device_get(device_metrics)
+  record = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != 'step'}
+  record['train_top1'] *= 100.0
+  for key in ('nonfinite_in_row', 'nonfinite_total'):
+    record[key] = int(host[-1][key])
+  return record
+
+
+# ------------------------------------------------------------ the loop ---
+
+
+def _total_steps(config, steps_per_epoch: int) -> int:
+  if config.get('total_steps'):
+    return int(config.total_steps)
+  if config.get('num_epochs'):
+    return int(config.num_epochs) * steps_per_epoch
+  raise ValueError('set config.total_steps or config.num_epochs')
+
+
+class _SigtermFlag:
+  """Set by SIGTERM so the loop can write a final checkpoint before exiting."""
+
+  def __init__(self):
+    self.is_set = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
+    self.is_set = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _place(mesh, state, batch_fn):
+  """Replicated state and batch-sharded inputs on `mesh` (axis 'data'); identity without."""
+  if mesh is None:
+    return state, batch_fn
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  replicated = NamedSharding(mesh, PartitionSpec())
+  sharded = NamedSharding(mesh, PartitionSpec('data'))
+  return (jax.device_put(state, replicated),
+          lambda batch: jax.device_put(batch, sharded))
+
+
+def train_and_evaluate(config, workdir: str, *, mesh=None,
+                       should_stop: Optional[Callable[[int], bool]] = None):
+  """Runs (or resumes) training and a final evaluation.
+
+  Args:
+    config: the shared ml_collections schema.
+    workdir: checkpoints, metrics.jsonl, tb/ and training.png go here.
+    mesh: optional jax Mesh with a 'data' axis; batches are sharded along it.
+    should_stop: optional `f(step) -> bool` checked after each step; when true the loop saves
+      a checkpoint and returns early, as on SIGTERM.
+  Returns:
+    (final TrainState, summary dict with 'top1' (None when stopped early), 'step', 'plot').
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  model = build_model(config.model, config.compute_dtype)
+  classes = data_lib.num_classes(config)
+  if classes != model.num_classes:
+    raise ValueError(f'model.num_classes={model.num_classes} but data set '
+                     f'{config.data.name!r} has {classes} classes')
+  steps_per_epoch = max(data_lib.num_train_examples(config) // config.batch_size, 1)
+  total_steps = _total_steps(config, steps_per_epoch)
+  reg_in_loss = config.optim.get('reg_placement', 'optimizer') == 'loss'
+  tx, lr_fn, beta_fn = optim.build_optimizer(
+      config.optim, global_batch_size=config.batch_size, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, reg_in_optimizer=not reg_in_loss)
+  teacher_model, teacher_variables = build_teacher(config)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  variables = init_variables(model, init_rng)
+  if config.get('init_from'):
+    variables = load_pretrained(config.init_from, model, variables)
+  state = create_train_state(variables, tx)
+
+  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                      config.checkpoint_every_steps, config.keep_checkpoints)
+  restored = checkpoints.restore({'train': state, 'rng': step_rng})
+  history, data_state = [], None
+  if restored is not None:
+    step, tree, meta = restored
+    state, step_rng = tree['train'], tree['rng']
+    history, data_state = meta['history'], meta['data_state']
+    print(f'Resuming from {checkpoints.directory} at step {step}.')
+  start_step = int(state.step)
+  train_iter = data_lib.build_train_iter(config, start_step=start_step)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+
+  train_step = jax.jit(make_train_step(
+      model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
+      reg_in_loss=reg_in_loss, teacher_model=teacher_model), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model))
+  state, put_batch = _place(mesh, state, lambda batch: batch)
+  writer = MetricsWriter(workdir, history)
+
+  def save(force=False):
+    meta = {'data_state': train_iter.get_state(), 'history': writer.history,
+            'total_steps': total_steps}
+    checkpoints.save(int(state.step), {'train': state, 'rng': step_rng}, meta, force=force)
+
+  batches = iter(train_iter)
+  if start_step == 0 and _needs_calibration(state.variables()):
+    first = next(batches)
+    batches = itertools.chain([first], batches)
+    calibrated, _ = model_lib.calibrate(model, state.variables(), put_batch(first)['image'])
+    state = state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
+
+  interval, last_log = [], time.time()
+  stopped = False
+  log_every = max(int(config.log_every_steps), 1)
+  with _SigtermFlag() as sigterm, tqdm(total=total_steps, initial=start_step,
+                                       dynamic_ncols=True, mininterval=2.0) as bar:
+    for step in range(start_step, total_steps):
+      batch = put_batch(next(batches))
+      state, metrics = train_step(state, batch, step_rng, teacher_variables)
+      interval.append(metrics)
+      done = step + 1
+      in_row = int(metrics['nonfinite_in_row'])
+      if not bool(metrics['finite']):
+        logging.warning('step %d: non-finite loss or gradients, update skipped (%d in a row)',
+                        step, in_row)
+      if in_row >= config.max_nonfinite_in_row:
+        writer.write({'kind': 'train', 'step': done, **_summarize(interval)})
+        checkpoints.wait()
+        last = checkpoints.latest_step()
+        raise NonFiniteError(
+            f'stopping at step {step}: {in_row} consecutive steps with non-finite loss or '
+            f'gradients (max_nonfinite_in_row={config.max_nonfinite_in_row}). Last good '
+            f'checkpoint: {os.path.join(checkpoints.directory, str(last)) if last is not None else "none"}'
+            '. Lower the learning rate or enable optim.grad_clip_norm and restart.')
+      if done % log_every == 0 or done == total_steps:
+        now = time.time()
+        record = {'kind': 'train', 'step': done, **_summarize(interval),
+                  'images_per_sec': len(interval) * config.batch_size / (now - last_log)}
+        writer.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['train_top1']:.1f}",
+                        img_s=f"{record['images_per_sec']:.0f}")
+        interval, last_log = [], now
+      if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
+        result = evaluate(eval_step, state, map(put_batch, data_lib.build_eval_iter(config)))
+        writer.write({'kind': 'eval', 'step': done, **result})
+        last_log = time.time()
+      bar.update(1)
+      stopped = sigterm.is_set or (should_stop is not None and should_stop(done))
+      # The last step's checkpoint is written after the final evaluation.
+      if stopped or (done % config.checkpoint_every_steps == 0 and done < total_steps):
+        if interval and stopped:
+          writer.write({'kind': 'train', 'step': done, **_summarize(interval)})
+          interval = []
+        save(force=True)
+      if stopped:
+        break
+
+  summary = {'step': int(state.step), 'top1': None, 'plot': None}
+  if not stopped:
+    result = evaluate(eval_step, state, map(put_batch, data_lib.build_eval_iter(config)))
+    writer.write({'kind': 'eval', 'step': int(state.step), **result})
+    save(force=True)
+    summary['top1'] = result['top1']
+  checkpoints.close()
+  writer.close()
+  summary['plot'] = plot_history(writer.history, os.path.join(workdir, 'training.png'))
+  return state, summary
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines drown the bar
+  try:
+    _, summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except NonFiniteError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if summary['top1'] is None:
+    print(f"stopped at step {summary['step']}; checkpoint saved, rerun the same command to "
+          'resume.')
+  else:
+    print(f"held-out top-1: {summary['top1']:.2f}%")
+  print(f"training plot: {summary['plot']}")
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,59 @@
+"""tools/plot_attention.py writes a readable, non-blank PNG of the binarized attention."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from bhvit_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = dict(hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
+              mlp_sizes=(32, 64, 128, 256), num_classes=10, image_size=48, patch_size=2,
+              window_size=3)
+
+
+def _tool():
+  spec = importlib.util.spec_from_file_location(
+      'plot_attention', os.path.join(ROOT, 'tools', 'plot_attention.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('gsb', [True, False])
+def test_writes_non_blank_png(tmp_path, gsb):
+  tool = _tool()
+  model = model_lib.BHViT(**FIELDS, gsb=gsb)
+  image = tool.load_image('mnist:3', model.image_size)
+  assert image.shape == (48, 48, 3) and image.dtype == np.float32
+  variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.asarray(image)[None])
+  out = tmp_path / 'attention.png'
+  size = tool.plot(model, variables, image, blocks=['layerB_0'], heads=[0, 1], window=3,
+                   query=4, out=str(out))
+  with Image.open(out) as png:
+    assert png.format == 'PNG' and png.size == size
+    pixels = np.asarray(png.convert('L'), np.float32)
+  assert size[0] >= 600 and size[1] >= 200  # seven panels side by side, two rows
+  assert pixels.std() > 20 and len(np.unique(pixels)) > 50
+
+
+def test_key_layout_places_window_and_global_tokens():
+  tool = _tool()
+  row = np.arange(9 + 4, dtype=float)
+  grid = tool.key_layout(row, 3)
+  np.testing.assert_array_equal(grid[:3, :3], np.arange(9).reshape(3, 3))
+  np.testing.assert_array_equal(grid[:2, 4:], [[9, 10], [11, 12]])
+  assert np.isnan(grid[:, 3]).all() and np.isnan(grid[2, 4:]).all()
+
+
+def test_bad_selection_is_named():
+  tool = _tool()
+  model = model_lib.BHViT(**FIELDS, gsb=True)
+  image = np.zeros((48, 48, 3), np.float32)
+  variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.asarray(image)[None])
+  with pytest.raises(ValueError, match='no attention block named'):
+    tool.plot(model, variables, image, blocks=['layerA_0'])

@@ -1,0 +1,28 @@
+"""Parity with the official PyTorch BHViT on the public fixture (tools/verify_reference.py)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _verify(*args):
+  proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'verify_reference.py'), *args,
+                         '--json'], capture_output=True, text=True, cwd=REPO, timeout=900)
+  lines = proc.stdout.strip().splitlines()
+  assert lines, proc.stderr[-3000:]
+  return proc.returncode, json.loads(lines[-1])
+
+
+@pytest.mark.parametrize('x64', [True, False], ids=['float64', 'float32'])
+def test_case_public_matches_reference(case_public, x64):
+  rc, report = _verify(str(case_public), *(['--x64'] if x64 else []))
+  assert rc == 0 and report['passed'], report
+  tight = 1e-12 if x64 else 1e-4  # float64 replays every sign decision of the reference
+  assert report['eval_logits']['rel'] <= tight and report['train_logits']['rel'] <= tight
+  assert report['ce']['rel'] <= (1e-12 if x64 else 1e-5)
+  assert report['reg']['rel'] <= 1e-5 and report['reg']['names_match']
+  assert report['grads']['frac_within_1e-3'] >= 0.99 and report['grads']['count'] > 200
+  assert report['bn_running']['rel'] <= 1e-4

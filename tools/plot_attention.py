@@ -1,0 +1,200 @@
+r"""PNG of BHViT's binarized attention for chosen blocks, heads, window and query.
+
+  python tools/plot_attention.py --fixture /work/shared/fixtures/case_public.npz \
+      --image fixture:0 --blocks layerB_0,layerB_1 --heads 0,1 --query 24 --out attn.png
+  python tools/plot_attention.py --config configs/demo.py --checkpoint runs/demo \
+      --image mnist:3 --out attn.png
+  python tools/plot_attention.py --image photo.jpg --checkpoint bhvit_tiny.pth --out attn.png
+
+One row per (block, head): the input with the window and query marked; the softmax row P of
+the query over its keys (the window's w×w tokens, then the image's global tokens after a gap);
+for gsb attention the three maps of quantization decomposition T0, T1, T2
+(quantizers.gsb_maps) and the quantized row α·(T0 + α2·T1 + α3·T2) with the learned α, α2, α3;
+for the 3-level LSQ quantizer its integer levels instead; last, the keys that every query of the window keeps
+(quantized probability ≠ 0). Variables: --fixture (its model and state), --checkpoint (.pth or
+orbax run directory, model from --config / --preset / --model-json) or a random init.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+from ml_collections import config_flags
+from PIL import Image
+
+from bhvit_jax import checkpoint
+from bhvit_jax import convert
+from bhvit_jax import data
+from bhvit_jax import model as model_lib
+from bhvit_jax import quantizers
+from bhvit_jax import reference
+
+PRESETS = {'tiny': {'depths': (2, 2, 6, 2)}, 'small': {'depths': (3, 4, 8, 4)}}
+
+
+def attention_intermediates(model, variables, images):
+  """{block: (probs `[B·nW, heads, Nq, Nk]`, gsb alphas `[3]` or None)} of every SelfAttention."""
+  _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+  out = {}
+  for block, tree in state['intermediates'].items():
+    sown = tree['attention']['attention']
+    alphas = sown.get('gsb_alphas')
+    out[block] = (np.asarray(sown['attention_probs'][0]),
+                  None if alphas is None else np.asarray(alphas[0]))
+  if not out:
+    raise ValueError('the model has no attention blocks')
+  return out
+
+
+def quantized_rows(model, variables, block, probs, alphas, head):
+  """[(title, `[Nq, Nk]` map)] of the quantizer's parts, and the quantized probabilities."""
+  if model.input_bits != 1:
+    return [], probs
+  if alphas is not None:
+    t0, t1, t2 = (np.asarray(t) for t in quantizers.gsb_maps(jnp.asarray(probs),
+                                                               jnp.asarray(alphas[0])))
+    q = np.asarray(quantizers.gsb_quantize(jnp.asarray(probs), *map(jnp.asarray, alphas)))
+    titles = ('T0 = round(P/α) − T1', 'T1 (q > 0.7·max)', 'T2 (q > 0.9·max)')
+    return list(zip(titles, (t0, t1, t2))), q
+  quant = variables['params'][block]['attention']['attention']['att_prob_quantizer']
+  alpha, zero = (float(np.asarray(quant[k])[head]) for k in ('alpha', 'zero_point'))
+  levels = np.clip(np.round(3 * probs / alpha + zero), 0, 3)
+  return [(f'LSQ level (α={alpha:.3g}, z={zero:.3g})', levels)], levels * alpha
+
+
+def key_layout(row, w):
+  """A key row `[w·w + G·G]` -> 2-D display: w×w window keys, a gap, the G×G global keys."""
+  g = int(round(np.sqrt(row.size - w * w)))
+  out = np.full((max(w, g), w + 1 + g), np.nan)
+  out[:w, :w] = row[:w * w].reshape(w, w)
+  out[:g, w + 1:] = row[w * w:].reshape(g, g)
+  return out
+
+
+def _window_box(model, window, grid):
+  """(top, left, size) in pixels of `window` at the block's token grid."""
+  w = model.window_size
+  per_row = grid // w
+  cell = model.image_size / grid
+  return (window // per_row) * w * cell, (window % per_row) * w * cell, w * cell
+
+
+def plot(model, variables, image, blocks=None, heads=(0,), window=0, query=0, out='a.png'):
+  """Writes the PNG for one image `[H, W, 3]` (normalized); returns the figure's pixel size."""
+  maps = attention_intermediates(model, variables, jnp.asarray(image)[None])
+  blocks = blocks or sorted(maps)
+  unknown = [b for b in blocks if b not in maps]
+  if unknown:
+    raise ValueError(f'no attention block named {unknown}; choose from {sorted(maps)}')
+  rows = [(b, h) for b in blocks for h in heads]
+  fig, axes = plt.subplots(len(rows), 7, figsize=(21, 3.2 * len(rows)), squeeze=False)
+  shown = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
+  for ax_row, (block, head) in zip(axes, rows):
+    _plot_row(ax_row, model, variables, block, head, maps[block], window, query, shown)
+  fig.tight_layout()
+  fig.savefig(out, dpi=60)
+  plt.close(fig)
+  return Image.open(out).size
+
+
+def _plot_row(axes, model, variables, block, head, sown, window, query, shown):
+  probs, alphas = sown
+  n_win, heads, nq, _ = probs.shape
+  w = model.window_size
+  if not (0 <= head < heads and 0 <= window < n_win and 0 <= query < nq):
+    raise ValueError(f'{block}: head {head}, window {window}, query {query} out of range '
+                     f'(heads {heads}, windows {n_win}, queries {nq})')
+  p = probs[window, head]
+  parts, quantized = quantized_rows(model, variables, block, p, alphas, head)
+  grid = w * int(round(np.sqrt(n_win)))
+  top, left, size = _window_box(model, window, grid)
+  axes[0].imshow(shown)
+  axes[0].add_patch(plt.Rectangle((left, top), size, size, fill=False, color='r', lw=2))
+  if query < w * w:
+    cell = size / w
+    axes[0].plot(left + (query % w + 0.5) * cell, top + (query // w + 0.5) * cell, 'c*', ms=12)
+  axes[0].set_title(f'{block} head {head} window {window} query {query}', fontsize=9)
+  panels = [('softmax P', p)] + parts
+  if alphas is not None:
+    a = np.maximum(alphas, quantizers.ALPHA_FLOOR)
+    panels.append((f'α(T0+α2T1+α3T2)\nα={a[0]:.3g} α2={a[1]:.3g} α3={a[2]:.3g}', quantized))
+  for ax, (title, matrix) in zip(axes[1:], panels):
+    im = ax.imshow(key_layout(matrix[query], w), cmap='viridis')
+    ax.set_title(title, fontsize=9)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+  axes[-1].imshow(quantized != 0, cmap='gray_r', aspect='auto', interpolation='nearest')
+  axes[-1].set_title('kept keys (rows: queries)', fontsize=9)
+  axes[-1].set_xlabel('key')
+  for ax in axes[1 + len(panels):-1]:
+    ax.axis('off')
+
+
+def load_image(spec, image_size, fixture=None):
+  """`path` | `mnist:IDX` | `fixture:IDX` -> normalized float32 `[S, S, 3]`."""
+  kind, _, index = spec.partition(':')
+  if kind == 'fixture':
+    if fixture is None:
+      raise ValueError('--image fixture:IDX needs --fixture')
+    return np.asarray(fixture.images[int(index)])
+  if kind == 'mnist' and index.isdigit():
+    pixels, _ = data.MnistSource('test', image_size)[int(index)]
+    return data.normalize(pixels, data.MNIST_MEAN, data.MNIST_STD)
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(f'--image {spec!r}: not a file, mnist:IDX or fixture:IDX')
+  pixels = data.eval_transform(np.asarray(Image.open(spec).convert('RGB')), image_size)
+  return data.normalize(pixels, data.IMAGENET_MEAN, data.IMAGENET_STD)
+
+
+def define_flags():
+  """Flags of the command line (not defined on import, so tests can import this module)."""
+  config_flags.DEFINE_config_file('config', None, 'config file with a `model` sub-config')
+  flags.DEFINE_enum('preset', 'tiny', list(PRESETS), 'model without --config/--fixture')
+  flags.DEFINE_string('model-json', '', 'JSON of BHViT fields updating the preset')
+  flags.DEFINE_string('fixture', '', 'reference case .npz (model, state, inputs)')
+  flags.DEFINE_string('checkpoint', '', '.pth/.pt file or orbax run directory')
+  flags.DEFINE_string('image', 'fixture:0', 'path, mnist:IDX or fixture:IDX')
+  flags.DEFINE_list('blocks', [], 'attention blocks, e.g. layerB_0 (default: all)')
+  flags.DEFINE_list('heads', ['0'], 'heads to show')
+  flags.DEFINE_integer('window', 0, 'window index of the image (row-major)')
+  flags.DEFINE_integer('query', 0, 'query token in the window (w·w window tokens, then the '
+                       'global tokens)')
+  flags.DEFINE_string('out', 'attention.png', 'output PNG')
+
+
+def _model_and_variables(f):
+  if f.fixture:
+    fx = reference.Fixture(f.fixture, x64=False)
+    return fx.model, fx.variables, fx
+  if f.config is not None:
+    model = model_lib.from_config(f.config.model)
+  else:
+    overrides = json.loads(f['model-json'].value or '{}')
+    model = model_lib.from_config({**PRESETS[f.preset], **overrides})
+  if not f.checkpoint:
+    images = jnp.zeros((1, model.image_size, model.image_size, 3))
+    return model, model.init({'params': jax.random.PRNGKey(0)}, images), None
+  if os.path.isdir(f.checkpoint):
+    return model, checkpoint.load_variables(f.checkpoint), None
+  return model, convert.torch_to_flax(convert.load_torch_file(f.checkpoint), model), None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  model, variables, fixture = _model_and_variables(f)
+  image = load_image(f.image, model.image_size, fixture)
+  size = plot(model, variables, image, f.blocks, [int(h) for h in f.heads], f.window, f.query,
+              f.out)
+  print(f'wrote {f.out} ({size[0]}x{size[1]} px)')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
