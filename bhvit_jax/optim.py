@@ -38,7 +38,7 @@ def add_oscillation_regularization(beta_schedule: Union[float, Schedule],
       raise ValueError('add_oscillation_regularization needs params: call tx.update(g, s, params).')
     layer_mask = mask(params) if callable(mask) else mask
     reg_grads = jax.grad(losses.oscillation_regularizer)(params, layer_mask)
-    beta = jnp.asarray(beta_fn(state.count), jnp.float32)
+    beta = jnp.asarray(beta_fn(state.count))
     updates = jax.tree_util.tree_map(lambda g, r: g + (beta * r).astype(g.dtype), updates,
                                      reg_grads)
     return updates, OscillationRegState(count=optax.safe_increment(state.count))

@@ -168,3 +168,83 @@ def check_case(path, x64: bool = False) -> dict:
     report['calibration'], ok['calibration'] = _calibration_report(fx)
   report['passed'] = all(ok.values())
   return report
+
+
+STEP_REL = 1e-8
+STATE_REL = 1e-6
+
+
+def _recipe(fixture_data):
+  """The optimizer and loss of a steps fixture (`info/recipe`; README "One training step")."""
+  import ml_collections
+  recipe = json.loads(str(fixture_data['info/recipe'])) if 'info/recipe' in fixture_data else {}
+  text = recipe.get('optimizer', '')
+  lr = float(text.split('lr=')[1].split()[0]) if 'lr=' in text else 1e-3
+  optim_config = ml_collections.ConfigDict(dict(
+      base_lr=lr, lr_batch_scale=1, schedule='constant', warmup_steps=0, min_lr=0.0,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0, reg_beta=0.1,
+      reg_start_fraction=0.0))
+  loss_config = ml_collections.ConfigDict(dict(label_smoothing=0.1, ce_weight=1.0,
+                                               distill_weight=0.0))
+  return optim_config, loss_config
+
+
+def _state_report(state, fx, steps, lr):
+  """Parameters and BatchNorm buffers after the update against `after_step0/*`."""
+  from bhvit_jax import train  # pylint: disable=g-import-not-at-top
+  mine = convert.flax_to_torch({'params': state.params, 'batch_stats': state.batch_stats})
+  f64_ref = any(k.startswith('f64/after_step0/') for k in steps.files)
+  ref = prefixed(steps, 'f64/after_step0/' if (fx.x64 and f64_ref) else 'after_step0/')
+  rels, ok = {}, True
+  for name, value in ref.items():
+    if name.endswith('num_batches_tracked'):
+      ok &= int(mine[name]) == int(value)
+      continue
+    rels[name] = rel_error(mine[name], value)
+    if rels[name] > STATE_REL and not (fx.x64 and not f64_ref):
+      ok = False
+    elif rels[name] > STATE_REL:
+      # Against a float32 reference, Adam's first step (|update| <= lr per element) turns
+      # float32 rounding of near-cancelling gradients into differences of up to 2·lr.
+      ok &= float(np.max(np.abs(mine[name] - value))) <= 2 * lr
+  del train
+  values = np.array(list(rels.values()))
+  return {'median_rel': float(np.median(values)), 'max_rel': float(values.max()),
+          'frac_rel_over_1e-6': float(np.mean(values > STATE_REL)),
+          'worst': max(rels, key=rels.get), 'reference': 'f64' if (fx.x64 and f64_ref)
+          else 'f32', 'count': len(rels)}, bool(ok)
+
+
+def check_steps(path, x64: bool = False) -> dict:
+  """Replays a `steps_*.npz` fixture through the project's own jitted train step."""
+  import os
+  from bhvit_jax import optim, train  # pylint: disable=g-import-not-at-top
+  steps = np.load(path, allow_pickle=False)
+  case = os.path.join(os.path.dirname(os.path.abspath(path)),
+                      os.path.basename(path).replace('steps_', 'case_', 1))
+  fx = Fixture(case, x64)
+  optim_config, loss_config = _recipe(steps)
+  tx, lr_fn, beta_fn = optim.build_optimizer(optim_config, global_batch_size=1, total_steps=2)
+  step_fn = jax.jit(train.make_train_step(fx.model, tx, loss_config=loss_config, lr_fn=lr_fn,
+                                          beta_fn=beta_fn))
+  state = train.create_train_state(fx.variables, tx)
+  rng = jax.random.PRNGKey(0)
+  batch0 = {'image': fx.images, 'label': jnp.asarray(steps['step0/labels'], jnp.int32)}
+  batch1 = {'image': jnp.asarray(steps['step1/input'].transpose(0, 2, 3, 1), fx.dtype),
+            'label': jnp.asarray(steps['step1/labels'], jnp.int32)}
+  state, metrics0 = step_fn(state, batch0, rng)
+  _, metrics1 = step_fn(state, batch1, rng)
+  ref = lambda key: steps[f'f64/{key}'] if x64 and f'f64/{key}' in steps.files else steps[key]
+  total = lambda m: m['loss'] + 0.1 * m['reg']  # the reference's loss: smoothed CE + 0.1·R
+  logits1, _ = fx.model.apply(state.variables(), batch1['image'], train=True,
+                              mutable=['batch_stats'])
+  report = {'step0_loss': compare(total(metrics0), ref('step0/loss')),
+            'step0_ce': compare(metrics0['ce'], ref('step0/ce')),
+            'step1_logits': compare(logits1, ref('step1/logits')),
+            'step1_loss': compare(total(metrics1), ref('step1/loss'))}
+  report['state_after'], state_ok = _state_report(state, fx, steps, optim_config.base_lr)
+  limit = STEP_REL if x64 else LOGITS_REL
+  report['passed'] = state_ok and all(
+      report[k]['rel'] <= limit for k in ('step0_loss', 'step0_ce', 'step1_logits',
+                                           'step1_loss'))
+  return report

@@ -132,7 +132,6 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
         variables['quant_state'] = state.quant_state
       logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
                                     rngs={'dropout': dropout_rng})
-      logits = logits.astype(jnp.float32)
       loss, parts = losses.total_loss(
           logits, labels, teacher_logits, label_smoothing=loss_config.label_smoothing,
           ce_weight=loss_config.ce_weight, distill_weight=loss_config.distill_weight)
@@ -491,8 +490,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
         last_log = time.time()
       bar.update(1)
       stopped = sigterm.is_set or (should_stop is not None and should_stop(done))
-      # The last step's checkpoint is written after the final evaluation.
-      if stopped or (done % config.checkpoint_every_steps == 0 and done < total_steps):
+      # The last step's checkpoint is written after the final evaluation; none is written
+      # inside a non-finite streak, so the last one before it stays the newest good one.
+      periodic = done % config.checkpoint_every_steps == 0 and done < total_steps and not in_row
+      if stopped or periodic:
         if interval and stopped:
           writer.write({'kind': 'train', 'step': done, **_summarize(interval)})
           interval = []

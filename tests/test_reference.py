@@ -26,3 +26,14 @@ def test_case_public_matches_reference(case_public, x64):
   assert report['reg']['rel'] <= 1e-5 and report['reg']['names_match']
   assert report['grads']['frac_within_1e-3'] >= 0.99 and report['grads']['count'] > 200
   assert report['bn_running']['rel'] <= 1e-4
+
+
+def test_training_step_matches_reference_adamw(steps_public):
+  rc, report = _verify(str(steps_public), '--x64')
+  assert rc == 0 and report['passed'], report
+  for key in ('step0_loss', 'step1_logits', 'step1_loss'):
+    assert report[key]['rel'] <= 1e-8, (key, report[key])
+  state = report['state_after']
+  assert state['count'] > 300 and state['median_rel'] <= 1e-6
+  if state['reference'] == 'f64':
+    assert state['max_rel'] <= 1e-6

@@ -71,7 +71,8 @@ def test_resume_is_bitwise_identical(tmp_path, tiny_model):
   losses_a, losses_b = (
       {r['step']: r['loss'] for r in _records(tmp_path / run) if r['kind'] == 'train'}
       for run in ('a', 'b'))
-  assert losses_a == {s: l for s, l in losses_b.items() if s in losses_a}
+  # Records average their logging interval; the restart splits the one ending at step 4.
+  assert losses_a[2] == losses_b[2] and losses_a[6] == losses_b[6]
   assert [2, 3, 4, 6] == sorted(losses_b)  # history before the restart was restored
 
 
@@ -111,6 +112,7 @@ def test_nonfinite_batches_are_skipped_then_stop(tmp_path, tiny_model, monkeypat
 def test_train_step_skips_nan_and_keeps_state():
   model = TinyNet()
   config = _config()
+  config.optim.schedule = 'constant'
   tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=16, total_steps=6)
   variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 3)))
   state = train.create_train_state(variables, tx)
