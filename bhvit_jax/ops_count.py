@@ -19,7 +19,6 @@ every MAC is derived from actual shapes; the parameter counts come from the Flax
 """
 import dataclasses
 import re
-from typing import Optional
 
 import flax
 import flax.linen as nn
@@ -169,7 +168,3 @@ def format_table(counts: Counts) -> str:
             f'OPs = BOPs/{BOPS_PER_OP} + FLOPs = {c.ops:,.0f} ({c.ops / 1e8:.3f}e8)']
   return '\n'.join(lines)
 
-
-def model_from_dict(fields: Optional[dict] = None) -> model_lib.BHViT:
-  """`BHViT` from a (possibly partial) mapping of its fields; defaults are BHViT-tiny."""
-  return model_lib.from_config(fields or {})

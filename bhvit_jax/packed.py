@@ -149,10 +149,13 @@ def _fold_norm(params, stats):
   return a, np.asarray(params['bias'], np.float64) - np.asarray(stats['mean'], np.float64) * a
 
 
+_binarize = jax.jit(quantizers.binarize_weight, static_argnums=1)
+
+
 def _pack_kernel(kernel, recu: bool):
   """Latent kernel `[..., O]` -> (sign words, nonzero words or None, s_o float64 `[O]`)."""
   # The model's own binarization decides every sign, so float rounding cannot flip one here.
-  binarized = np.asarray(quantizers.binarize_weight(jnp.asarray(kernel), recu))
+  binarized = np.asarray(_binarize(jnp.asarray(kernel), recu))
   flat = binarized.reshape(-1, binarized.shape[-1]).T
   scale = np.mean(np.abs(np.asarray(kernel, np.float64)).reshape(flat.T.shape), axis=0)
   nonzero = None if np.all(flat != 0) else np.asarray(pack_bits(jnp.asarray(flat != 0)))

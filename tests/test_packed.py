@@ -36,10 +36,15 @@ def test_xnor_popcount_dense_equals_float_sign_matmul(weight_zeros):
   a = _ternary(ka, (5, 3, fan_in))
   w = _ternary(kw, (fan_in, 11), weight_zeros)
   expected = np.asarray(jnp.sign(a)) @ np.asarray(jnp.sign(w))
-  w_nonzero = packed.pack_bits(w.T != 0)[None] if weight_zeros else None
-  got = packed.xnor_popcount_dot(packed.pack_bits(a > 0)[..., None, :],
-                                 packed.pack_bits(a != 0)[..., None, :],
-                                 packed.pack_bits(w.T > 0)[None], w_nonzero)[..., 0, :]
+
+  @jax.jit
+  def xnor(a, w):
+    w_nonzero = packed.pack_bits(w.T != 0)[None] if weight_zeros else None
+    return packed.xnor_popcount_dot(packed.pack_bits(a > 0)[..., None, :],
+                                    packed.pack_bits(a != 0)[..., None, :],
+                                    packed.pack_bits(w.T > 0)[None], w_nonzero)[..., 0, :]
+
+  got = xnor(a, w)
   assert (np.asarray(jnp.sign(a)) == 0).any()
   np.testing.assert_array_equal(np.asarray(got), expected)
 
@@ -51,13 +56,14 @@ def test_packed_conv_equals_float_binary_conv(kernel_size, stride, dilation, gro
                            padding=dilation if kernel_size == 3 else 0)
   x = _ternary(jax.random.PRNGKey(1), (2, 10, 10, 8))
   variables = conv.init(jax.random.PRNGKey(2), x)
-  expected = conv.apply(variables, x)
+  expected = jax.jit(conv.apply)(variables, x)
   kernel = variables['params']['kernel']
   sign, nonzero, scale = packed._pack_kernel(kernel, recu=False)
   assert nonzero is None
   entry = {'sign': sign, 'scale': scale.astype(np.float32),
            'shift': np.asarray(variables['params']['bias'])}
-  got = conv.apply(variables, x, method=lambda m, v: packed._binary_layer(m, v, entry))
+  got = jax.jit(lambda v, e, x: conv.apply(
+      v, x, method=lambda m, y: packed._binary_layer(m, y, e)))(variables, entry, x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 

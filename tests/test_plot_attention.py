@@ -11,8 +11,8 @@ from PIL import Image
 from bhvit_jax import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = dict(hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
-              mlp_sizes=(32, 64, 128, 256), num_classes=10, image_size=48, patch_size=2,
+FIELDS = dict(hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
+              mlp_sizes=(16, 32, 64, 128), num_classes=10, image_size=48, patch_size=2,
               window_size=3)
 
 
@@ -30,7 +30,9 @@ def test_writes_non_blank_png(tmp_path, gsb):
   model = model_lib.BHViT(**FIELDS, gsb=gsb)
   image = tool.load_image('mnist:3', model.image_size)
   assert image.shape == (48, 48, 3) and image.dtype == np.float32
-  variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.asarray(image)[None])
+  # threefry keys compile slowly for a whole model's init; rbg is enough for a test.
+  key = jax.random.key(0, impl='unsafe_rbg')
+  variables = jax.jit(model.init)({'params': key}, jnp.asarray(image)[None])
   out = tmp_path / 'attention.png'
   size = tool.plot(model, variables, image, blocks=['layerB_0'], heads=[0, 1], window=3,
                    query=4, out=str(out))
@@ -54,6 +56,7 @@ def test_bad_selection_is_named():
   tool = _tool()
   model = model_lib.BHViT(**FIELDS, gsb=True)
   image = np.zeros((48, 48, 3), np.float32)
-  variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.asarray(image)[None])
+  variables = jax.eval_shape(model.init, {'params': jax.random.PRNGKey(0)},
+                             jnp.asarray(image)[None])
   with pytest.raises(ValueError, match='no attention block named'):
     tool.plot(model, variables, image, blocks=['layerA_0'])

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bhvit_jax import model as model_lib
 from bhvit_jax import ops_count
 
 PRESETS = {'tiny': {'depths': (2, 2, 6, 2)}, 'small': {'depths': (3, 4, 8, 4)}}
@@ -46,7 +47,7 @@ def model_fields() -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  counts = ops_count.count(ops_count.model_from_dict(model_fields()), pv=_PV.value)
+  counts = ops_count.count(model_lib.from_config(model_fields()), pv=_PV.value)
   print(ops_count.format_table(counts))
   if _JSON.value:
     print(json.dumps(counts.summary()))

@@ -10,8 +10,8 @@ One row per (block, head): the input with the window and query marked; the softm
 the query over its keys (the window's w×w tokens, then the image's global tokens after a gap);
 for gsb attention the three maps of quantization decomposition T0, T1, T2
 (quantizers.gsb_maps) and the quantized row α·(T0 + α2·T1 + α3·T2) with the learned α, α2, α3;
-for the 3-level LSQ quantizer its integer levels instead; last, the keys that every query of the window keeps
-(quantized probability ≠ 0). Variables: --fixture (its model and state), --checkpoint (.pth or
+for the 3-level LSQ quantizer its integer levels instead; last, the keys that every query of
+the window keeps (quantized probability ≠ 0). Variables: --fixture (its model and state), --checkpoint (.pth or
 orbax run directory, model from --config / --preset / --model-json) or a random init.
 """
 import json
@@ -40,7 +40,8 @@ PRESETS = {'tiny': {'depths': (2, 2, 6, 2)}, 'small': {'depths': (3, 4, 8, 4)}}
 
 def attention_intermediates(model, variables, images):
   """{block: (probs `[B·nW, heads, Nq, Nk]`, gsb alphas `[3]` or None)} of every SelfAttention."""
-  _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates'])[1])
+  state = apply(variables, images)
   out = {}
   for block, tree in state['intermediates'].items():
     sown = tree['attention']['attention']
@@ -87,11 +88,12 @@ def _window_box(model, window, grid):
 
 def plot(model, variables, image, blocks=None, heads=(0,), window=0, query=0, out='a.png'):
   """Writes the PNG for one image `[H, W, 3]` (normalized); returns the figure's pixel size."""
-  maps = attention_intermediates(model, variables, jnp.asarray(image)[None])
-  blocks = blocks or sorted(maps)
-  unknown = [b for b in blocks if b not in maps]
+  names = sorted(b for b in variables['params'] if b.startswith('layerB_'))
+  blocks = blocks or names
+  unknown = [b for b in blocks if b not in names]
   if unknown:
-    raise ValueError(f'no attention block named {unknown}; choose from {sorted(maps)}')
+    raise ValueError(f'no attention block named {unknown}; choose from {names}')
+  maps = attention_intermediates(model, variables, jnp.asarray(image)[None])
   rows = [(b, h) for b in blocks for h in heads]
   fig, axes = plt.subplots(len(rows), 7, figsize=(21, 3.2 * len(rows)), squeeze=False)
   shown = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
@@ -178,7 +180,8 @@ def _model_and_variables(f):
     model = model_lib.from_config({**PRESETS[f.preset], **overrides})
   if not f.checkpoint:
     images = jnp.zeros((1, model.image_size, model.image_size, 3))
-    return model, model.init({'params': jax.random.PRNGKey(0)}, images), None
+    key = jax.random.key(0, impl='unsafe_rbg')  # threefry compiles slowly for a whole init
+    return model, jax.jit(model.init)({'params': key}, images), None
   if os.path.isdir(f.checkpoint):
     return model, checkpoint.load_variables(f.checkpoint), None
   return model, convert.torch_to_flax(convert.load_torch_file(f.checkpoint), model), None
