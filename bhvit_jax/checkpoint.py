@@ -134,7 +134,12 @@ class Checkpointer:
 
 
 def load_variables(directory: str) -> dict:
-  """{'params', 'batch_stats', 'quant_state'} of the newest checkpoint in an orbax run dir."""
+  """{'params', 'batch_stats', 'quant_state'} of the newest checkpoint under `directory`.
+
+  `directory` is a checkpoint directory or a training workdir containing `checkpoints/`.
+  """
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    directory = os.path.join(directory, 'checkpoints')
   manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_item_handlers(),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
@@ -142,5 +147,6 @@ def load_variables(directory: str) -> dict:
     raise FileNotFoundError(f'no orbax checkpoint found in {directory}')
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   manager.close()
-  return {k: jax.tree_util.tree_map(np.asarray, state.get(k) or {})
+  train_state = state.get('train', state)  # train.py saves {'train': TrainState, 'rng': key}
+  return {k: jax.tree_util.tree_map(np.asarray, train_state.get(k) or {})
           for k in ('params', 'batch_stats', 'quant_state')}

@@ -170,7 +170,7 @@ def load_torch_file(path):
 def save_torch_file(state, path):
   """Saves a state dict of numpy arrays as a PyTorch `.pth` file."""
   import torch
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
 
 
 def save_flax_file(variables, path):

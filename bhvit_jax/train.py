@@ -9,6 +9,7 @@ Reusable pieces: `create_train_state`, `make_train_step`, `make_eval_step`, `eva
 """
 import functools
 import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -113,12 +114,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
   folded with the step so dropout keys depend only on (seed, step). A step whose loss or
   gradients are not finite leaves params, statistics and optimizer state unchanged.
   """
-  binary = None
-
   def train_step(state: TrainState, batch, rng, teacher_variables=None):
-    nonlocal binary
-    if binary is None:
-      binary = binarized_mask(state.params, model)
     images, labels = batch['image'], batch['label']
     teacher_logits = None
     if teacher_model is not None:
@@ -156,7 +152,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
         'reg': losses.oscillation_regularizer(state.params), 'lr': lr_fn(state.step),
         'beta': jnp.asarray(beta_fn(state.step), jnp.float32),
         'train_top1': jnp.mean(jnp.argmax(logits, -1) == labels),
-        'sign_flip_rate': sign_flip_rate(state.params, new_state.params, binary),
+        'sign_flip_rate': sign_flip_rate(state.params, new_state.params,
+                                         binarized_mask(state.params, model)),
         'grad_norm': optax.tree.norm(grads), 'finite': finite,
         'nonfinite_in_row': in_row, 'nonfinite_total': new_state.nonfinite_total}
     return new_state, metrics
@@ -236,27 +233,36 @@ def _needs_calibration(variables) -> bool:
   return any(not bool(np.all(np.asarray(f))) for f in flags_)
 
 
+def load_config_file(spec: str):
+  """`get_config()` of a config file given as 'path.py' or 'path.py:argument'."""
+  path, _, argument = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('loaded_config', path)
+  if module_spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(argument) if argument else module.get_config()
+
+
 def _teacher_bhvit(teacher_config, student_config):
   if not teacher_config.checkpoint:
     raise ValueError("loss.teacher.kind='bhvit' needs loss.teacher.checkpoint (.pth or orbax dir)")
   model_config = student_config.model
   if teacher_config.get('config'):
-    model_config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
-        'teacher_config', teacher_config.config).get_config().model
+    model_config = load_config_file(teacher_config.config).model
   model = build_model(model_config, student_config.compute_dtype)
   reference = init_variables(model, jax.random.PRNGKey(0))
   return model, load_pretrained(teacher_config.checkpoint, model, reference)
 
 
 def _teacher_deit(teacher_config, student_config):
-  try:
-    deit = importlib.import_module('bhvit_jax.deit')
-  except ImportError:
+  if importlib.util.find_spec('bhvit_jax.deit') is None:
     raise NotImplementedError(
         "loss.teacher.kind='deit' needs a Flax DeiT (module bhvit_jax.deit with "
         '`build_teacher(teacher_config, config) -> (module, variables)`), which this project '
         "does not have yet. Use loss.teacher.kind='bhvit' with a checkpoint of this project, or "
-        "'none'.") from None
+        "'none'.")
+  deit = importlib.import_module('bhvit_jax.deit')
   return deit.build_teacher(teacher_config, student_config)
 
 
@@ -321,9 +327,8 @@ def plot_history(history: list, path: str) -> str:
   axes[1, 0].plot(*column(train, 'lr'))
   axes[1, 0].set(title='learning rate', xlabel='step')
   axes[1, 1].plot(*column(train, 'sign_flip_rate'))
-  axes[1, 1].set(title='sign-flip rate per step', xlabel='step', yscale='symlog',
-                 ylim=(0, None))
-  axes[1, 1].set_yscale('symlog', linthresh=1e-4)
+  axes[1, 1].set(title='sign-flip rate per step', xlabel='step')
+  axes[1, 1].set_yscale('symlog', linthresh=1e-4)  # rates span 1e-2 .. 0
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -375,15 +380,46 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _place(mesh, state, batch_fn):
-  """Replicated state and batch-sharded inputs on `mesh` (axis 'data'); identity without."""
+def _placement(mesh):
+  """(put_replicated, put_batch): state replicated, batches split along the 'data' axis.
+
+  Without a mesh both are the identity (jit places everything on the default device).
+  """
   if mesh is None:
-    return state, batch_fn
+    return (lambda tree: tree), (lambda batch: batch)
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   replicated = NamedSharding(mesh, PartitionSpec())
   sharded = NamedSharding(mesh, PartitionSpec('data'))
-  return (jax.device_put(state, replicated),
+  return (lambda tree: jax.device_put(tree, replicated),
           lambda batch: jax.device_put(batch, sharded))
+
+
+def _resume(config, checkpoints, state, rng):
+  """(state, rng, metrics history, train iterator) from the newest checkpoint, or fresh."""
+  restored = checkpoints.restore({'train': state, 'rng': rng})
+  if restored is None:
+    return state, rng, [], data_lib.build_train_iter(config, start_step=0)
+  step, tree, meta = restored
+  print(f'Resuming from {checkpoints.directory} at step {step}.')
+  train_iter = data_lib.build_train_iter(config, start_step=step)
+  train_iter.set_state(meta['data_state'])
+  return tree['train'], tree['rng'], meta['history'], train_iter
+
+
+def _calibrate(model, state: TrainState, images) -> TrainState:
+  """The non-gsb quantizers' first-batch calibration (SPEC §2) before the first step."""
+  calibrated, _ = jax.jit(functools.partial(model_lib.calibrate, model))(
+      state.variables(), images)
+  return state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
+
+
+def _nonfinite_error(step, in_row, limit, checkpoints) -> NonFiniteError:
+  last = checkpoints.latest_step()
+  where = os.path.join(checkpoints.directory, str(last)) if last is not None else 'none'
+  return NonFiniteError(
+      f'stopping at step {step}: {in_row} consecutive steps with non-finite loss or gradients '
+      f'(max_nonfinite_in_row={limit}). Last good checkpoint: {where}. Lower the learning '
+      'rate or set optim.grad_clip_norm, then restart.')
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None,
@@ -422,36 +458,29 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
 
   checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                       config.checkpoint_every_steps, config.keep_checkpoints)
-  restored = checkpoints.restore({'train': state, 'rng': step_rng})
-  history, data_state = [], None
-  if restored is not None:
-    step, tree, meta = restored
-    state, step_rng = tree['train'], tree['rng']
-    history, data_state = meta['history'], meta['data_state']
-    print(f'Resuming from {checkpoints.directory} at step {step}.')
+  state, step_rng, history, train_iter = _resume(config, checkpoints, state, step_rng)
   start_step = int(state.step)
-  train_iter = data_lib.build_train_iter(config, start_step=start_step)
-  if data_state is not None:
-    train_iter.set_state(data_state)
 
   train_step = jax.jit(make_train_step(
       model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
       reg_in_loss=reg_in_loss, teacher_model=teacher_model), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model))
-  state, put_batch = _place(mesh, state, lambda batch: batch)
+  put_replicated, put_batch = _placement(mesh)
+  state, teacher_variables = put_replicated((state, teacher_variables))
   writer = MetricsWriter(workdir, history)
 
-  def save(force=False):
+  def save():
+    if checkpoints.latest_step() == int(state.step):
+      return  # a rerun of a finished run: that checkpoint exists already
     meta = {'data_state': train_iter.get_state(), 'history': writer.history,
             'total_steps': total_steps}
-    checkpoints.save(int(state.step), {'train': state, 'rng': step_rng}, meta, force=force)
+    checkpoints.save(int(state.step), {'train': state, 'rng': step_rng}, meta, force=True)
 
   batches = iter(train_iter)
   if start_step == 0 and _needs_calibration(state.variables()):
     first = next(batches)
     batches = itertools.chain([first], batches)
-    calibrated, _ = model_lib.calibrate(model, state.variables(), put_batch(first)['image'])
-    state = state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
+    state = _calibrate(model, state, put_batch(first)['image'])
 
   interval, last_log = [], time.time()
   stopped = False
@@ -470,12 +499,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       if in_row >= config.max_nonfinite_in_row:
         writer.write({'kind': 'train', 'step': done, **_summarize(interval)})
         checkpoints.wait()
-        last = checkpoints.latest_step()
-        raise NonFiniteError(
-            f'stopping at step {step}: {in_row} consecutive steps with non-finite loss or '
-            f'gradients (max_nonfinite_in_row={config.max_nonfinite_in_row}). Last good '
-            f'checkpoint: {os.path.join(checkpoints.directory, str(last)) if last is not None else "none"}'
-            '. Lower the learning rate or enable optim.grad_clip_norm and restart.')
+        raise _nonfinite_error(step, in_row, config.max_nonfinite_in_row, checkpoints)
       if done % log_every == 0 or done == total_steps:
         now = time.time()
         record = {'kind': 'train', 'step': done, **_summarize(interval),
@@ -497,7 +521,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
         if interval and stopped:
           writer.write({'kind': 'train', 'step': done, **_summarize(interval)})
           interval = []
-        save(force=True)
+        save()
       if stopped:
         break
 
@@ -505,7 +529,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   if not stopped:
     result = evaluate(eval_step, state, map(put_batch, data_lib.build_eval_iter(config)))
     writer.write({'kind': 'eval', 'step': int(state.step), **result})
-    save(force=True)
+    save()
     summary['top1'] = result['top1']
   checkpoints.close()
   writer.close()

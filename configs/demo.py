@@ -3,18 +3,23 @@ r"""Demo: a small all-binary BHViT on the embedded MNIST digits (CPU, minutes).
 Command (from the repository root; `make demo` does the same after installing):
   python -m bhvit_jax.train --config configs/demo.py --workdir runs/demo
 
-Hardware / time / result: 2-core CPU, no accelerator; see the measured numbers in the
-`Expected` line below (training + evaluation, JIT compilation included).
-Expected: held-out top-1 >= 90% on the 500 held-out digits.
+Hardware / time: 2-core CPU, no accelerator: 4.5 min wall for 700 steps of batch 64
+(≈1 min of it JIT compilation), up to 7 min when the cores are shared; `make demo` adds the
+package install.
+Expected: held-out top-1 97.6% on the 500 held-out digits (deterministic on CPU; 94.6% at
+the mid-run evaluation, step 350). With the oscillation regularizer in the optimizer
+(`--config.optim.reg_beta=0.1`): 97.4%.
 
 Model: every binary path of the published BHViT is on: 1-bit weights and 1-bit inputs in
 all token mixers, q/k/v, output projections and MLPs, BatchNorm token norms, shift3 and
 shift5 residuals, full-precision downsampling (some_fp, as the released models). gsb=False
 because that is what the published run script trains (the 3-level LSQ attention quantizer),
 so the demo also exercises its first-batch calibration. The network is shrunk
-(width 32, one block per stage) and uses 48² inputs with 2×2 patches, so the stage grids are
-24/12/6/3 and window_size=3 keeps real windowed attention in stages 3 and 4 (stage 3: four
-3×3 windows plus a 2×2 grid of global tokens; stage 4: one window and one global token).
+(widths 32..256, one block per stage) and uses 32² inputs with 4×4 patches, so the stage grids
+are 8/4/2/1 and the window size must be 1: each stage-3/4 token attends to itself plus the
+global tokens (2×2 at stage 3, one at stage 4). 48² inputs with 2×2 patches and window 3
+would keep larger windows but train ~8× slower on CPU. split_groups computes the grouped
+convs group by group, 2× faster on XLA:CPU and numerically the same.
 """
 import ml_collections
 

@@ -64,6 +64,7 @@ def test_pth_file_with_training_wrapper_and_module_prefix(public_state, tmp_path
   convert.save_torch_file(convert.flax_to_torch(variables), out)
   again = torch.load(out, weights_only=True)
   for name, value in state.items():
+    assert tuple(again[name].shape) == value.shape, name
     np.testing.assert_array_equal(again[name].numpy(), value)
 
 
@@ -99,4 +100,5 @@ def test_convert_tool_round_trip(public_state, case_public, tmp_path):
   again = torch.load(tmp_path / 'out.pth', weights_only=True)
   assert sorted(again) == sorted(state)
   for name, value in state.items():
+    assert tuple(again[name].shape) == value.shape, name
     np.testing.assert_array_equal(again[name].numpy(), value)

@@ -1,0 +1,454 @@
+r"""Training and inference throughput and peak memory of bhvit_jax, optionally beside PyTorch.
+
+  python tools/benchmark.py --config configs/bhvit_tiny.py --batch 16 --mode train --json
+  python tools/benchmark.py --preset small --mode eval,train --torch-repo /tmp/bhvit_ref
+  python tools/benchmark.py --config configs/bhvit_tiny.py --set model.split_groups=False
+
+Every case (implementation × mode) runs in its own subprocess, so the peak RSS
+(`resource.getrusage` high-water mark) belongs to that case alone. A case compiles and runs
+one warm-up step (reported as `compile_s`, not timed), then times `--repeats` steps and reports
+the median as images/s. Cases run one after the other in the same invocation, so JAX and
+PyTorch numbers share the machine's load (`load_avg` is recorded before each case).
+
+Modes: `train` is the real jitted `bhvit_jax.train` step (optimizer chain of
+`optim.build_optimizer`, BatchNorm updates, metrics) with the state donated; `eval` is the
+eval-mode forward; `packed` is the bit-packed XNOR-popcount inference of `bhvit_jax.packed`.
+The distillation teacher is not part of the timed step (label-smoothed CE only), and on CPU
+activations are float32 unless `--compute-dtype` says otherwise.
+
+`--torch-repo PATH` also times the official PyTorch BHViT imported from a local checkout of its
+repository (never copied here), with `torch.set_num_threads(--threads)`; the JAX cases then use
+the PyTorch model's initial weights converted by `bhvit_jax.convert`. When `transformers` or
+`timm` are not installed, the few names the reference imports from them are provided by
+minimal stand-ins defined below.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+GIB = 2.0 ** 30
+PRESETS = {'tiny': (2, 2, 6, 2), 'small': (3, 4, 8, 4)}
+MODES = ('train', 'eval', 'packed')
+
+
+# ----------------------------------------------------------- configuration ---
+
+
+def preset_config(name: str):
+  """The published BHViT flags for `--preset tiny|small` when no config file is given."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if name not in PRESETS:
+    raise ValueError(f'unknown preset {name!r}; expected one of {sorted(PRESETS)}')
+  config = ml_collections.ConfigDict()
+  config.compute_dtype = 'float32'
+  config.model = ml_collections.ConfigDict(dict(
+      hidden_sizes=(64, 128, 256, 512), depths=PRESETS[name], num_heads=(1, 1, 4, 8),
+      mlp_sizes=(512, 1024, 1024, 2048), num_classes=1000, image_size=224, patch_size=4,
+      window_size=7, weight_bits=1, input_bits=1, norm='batch', shift3=True, shift5=True,
+      some_fp=True, gsb=False, recu=False, disable_layerscale=False, drop_path=0.0))
+  config.optim = ml_collections.ConfigDict(dict(
+      base_lr=5e-4, lr_batch_scale=512, schedule='constant', warmup_steps=0, min_lr=1e-8,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0, reg_beta=0.0,
+      reg_start_fraction=0.0, reg_placement='optimizer'))
+  config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, ce_weight=1.0,
+                                               distill_weight=0.0))
+  return config
+
+
+def load_config(path: str):
+  """`get_config()` of a config file; `path:arg` passes `arg` as config_flags does."""
+  path, _, arg = path.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  spec = importlib.util.spec_from_file_location('benchmark_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_overrides(config, overrides):
+  """`--set a.b=value` (value parsed as JSON/Python literal when possible)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for item in overrides:
+    key, sep, raw = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set expects key=value, got {item!r}')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    node, *rest = key.split('.')
+    target = config
+    for part in [node] + rest[:-1]:
+      target = target[part]
+    target[rest[-1] if rest else node] = value
+  return config
+
+
+def resolve_config(args):
+  config = load_config(args.config) if args.config else preset_config(args.preset)
+  config = apply_overrides(config, args.set)
+  # The teacher's forward is not the student's cost; compare the student step alone.
+  config.loss.ce_weight = config.loss.get('ce_weight') or 1.0
+  config.loss.distill_weight = 0.0
+  return config
+
+
+# ----------------------------------------------------------------- machine ---
+
+
+def cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def peak_rss_gib() -> float:
+  # ru_maxrss is KiB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def median(values):
+  values = sorted(values)
+  mid = len(values) // 2
+  return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+@dataclasses.dataclass
+class Timing:
+  compile_s: float
+  step_s: list
+
+
+def time_steps(step, repeats: int) -> Timing:
+  """`step()` blocks until done; the first call (compile + warm-up) is timed apart."""
+  start = time.perf_counter()
+  step()
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return Timing(compile_s, times)
+
+
+# --------------------------------------------------------------------- JAX ---
+
+
+def jax_case(config, mode: str, batch: int, repeats: int, weights: str, compute_dtype: str):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import train  # pylint: disable=g-import-not-at-top
+
+  model = train.build_model(config.model, compute_dtype)
+  variables = train.init_variables(model, jax.random.PRNGKey(0))
+  if weights and os.path.isfile(weights):
+    variables = train.load_pretrained(weights, model, variables)
+  rng = np.random.RandomState(0)
+  images = jnp.asarray(rng.randn(batch, model.image_size, model.image_size, 3), jnp.float32)
+  labels = jnp.asarray(rng.randint(0, model.num_classes, batch), jnp.int32)
+
+  if mode == 'train':
+    step = _jax_train_step(train, model, config, variables, images, labels, batch)
+  elif mode == 'eval':
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    step = lambda: jax.block_until_ready(forward(variables, images))
+  else:
+    step = _jax_packed_step(model, variables, images)
+  timing = time_steps(step, repeats)
+  device = jax.devices()[0]
+  memory = device.memory_stats() or {}
+  return timing, {'backend': jax.default_backend(), 'device_kind': device.device_kind,
+                  'device_peak_gib': memory.get('peak_bytes_in_use', 0) / GIB or None,
+                  'jax': jax.__version__}
+
+
+def _jax_train_step(train, model, config, variables, images, labels, batch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import optim  # pylint: disable=g-import-not-at-top
+  total_steps = 1000
+  tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=batch,
+                                             total_steps=total_steps, steps_per_epoch=100)
+  reg_in_loss = config.optim.get('reg_placement', 'optimizer') == 'loss'
+  train_step = jax.jit(train.make_train_step(
+      model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
+      reg_in_loss=reg_in_loss), donate_argnums=(0,))
+  holder = {'state': train.create_train_state(variables, tx)}
+  batch_ = {'image': images, 'label': labels}
+  rng = jax.random.PRNGKey(0)
+
+  def step():
+    holder['state'], metrics = train_step(holder['state'], batch_, rng)
+    jax.block_until_ready((holder['state'], metrics))
+  return step
+
+
+def _jax_packed_step(model, variables, images):
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    from bhvit_jax import packed  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SkipCase(f'bhvit_jax.packed is not available ({e})') from None
+  if not hasattr(packed, 'export') or not hasattr(packed, 'apply'):
+    raise SkipCase('bhvit_jax.packed has no export/apply inference entry point')
+  arrays = packed.arrays(packed.export(model, variables))
+  forward = jax.jit(lambda a, x: packed.apply(model, a, x))
+  return lambda: jax.block_until_ready(forward(arrays, images))
+
+
+class SkipCase(Exception):
+  """A case that cannot run here (reason in the message)."""
+
+
+# ----------------------------------------------------------------- PyTorch ---
+
+
+def _install_reference_stand_ins():
+  """Minimal stand-ins for the names the reference takes from transformers and timm."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def module(name, **attrs):
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+    return mod
+
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    output = lambda name: type(name, (dict,), {})
+    module('transformers', ViTConfig=types.SimpleNamespace)
+    module('transformers.activations', ACT2FN={'gelu': torch.nn.GELU()})
+    module('transformers.modeling_outputs', BaseModelOutput=output('BaseModelOutput'),
+           BaseModelOutputWithPooling=output('BaseModelOutputWithPooling'),
+           ImageClassifierOutput=output('ImageClassifierOutput'))
+    import logging  # pylint: disable=g-import-not-at-top
+    module('transformers.utils', logging=types.SimpleNamespace(get_logger=logging.getLogger))
+  try:
+    import timm  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+
+    class DropPath(torch.nn.Module):
+
+      def __init__(self, rate=0.0):
+        super().__init__()
+        self.rate = rate
+
+      def forward(self, x):
+        if not self.training or not self.rate:
+          return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) >= self.rate
+        return x * keep / (1 - self.rate)
+
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    module('timm')
+    module('timm.models')
+    module('timm.models.layers', trunc_normal_=torch.nn.init.trunc_normal_, DropPath=DropPath,
+           to_2tuple=pair)
+
+
+def build_torch_model(repo: str, model_config):
+  """The official `BHViTForImageClassification` with the flags of `model_config`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(repo, 'transformer')):
+    raise FileNotFoundError(f'--torch-repo {repo}: no transformer/ package (expected a checkout '
+                            'of the official BHViT repository)')
+  _install_reference_stand_ins()
+  sys.path.insert(0, repo)
+  reference_models = importlib.import_module('models')
+  from transformer.BHViT import BHViTForImageClassification  # pylint: disable=g-import-not-at-top
+  m = model_config
+  depths = list(m.depths)
+  n_conv = depths[0] + depths[1]
+  config = types.SimpleNamespace(
+      hidden_size=list(m.hidden_sizes), depths=depths, num_attention_heads=list(m.num_heads),
+      intermediate_size=list(m.mlp_sizes), num_hidden_layersA=n_conv,
+      num_hidden_layersB=sum(depths) - n_conv, image_size=m.image_size,
+      patch_size=m.patch_size, num_channels=3, hidden_act='gelu', hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0, layer_norm_eps=1e-5, qkv_bias=True,
+      chunk_size_feed_forward=0, output_attentions=False, output_hidden_states=False,
+      use_return_dict=False, drop_path=m.drop_path, num_labels=m.num_classes,
+      shift3=m.shift3, shift5=m.shift5, disable_layerscale=m.disable_layerscale,
+      enable_cls_token=False, gsb=m.gsb, recu=m.recu, weight_bits=m.weight_bits,
+      input_bits=m.input_bits, some_fp=m.some_fp,
+      norm_layer=reference_models.BatchNormT if m.norm == 'batch' else torch.nn.LayerNorm)
+  if m.image_size != 224 or m.patch_size != 4 or m.window_size != 7:
+    raise SkipCase('the reference hard-codes 224² inputs, patch 4 and window 7')
+  return BHViTForImageClassification(config)
+
+
+def torch_case(config, mode: str, batch: int, repeats: int, repo: str, threads: int,
+               weights_out: str):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  model = build_torch_model(repo, config.model)
+  if weights_out:
+    torch.save(model.state_dict(), weights_out)
+  if mode == 'packed':
+    raise SkipCase('the reference has no packed inference')
+  rng = np.random.RandomState(0)
+  size = config.model.image_size
+  images = torch.from_numpy(rng.randn(batch, 3, size, size).astype(np.float32))
+  labels = torch.from_numpy(rng.randint(0, config.model.num_classes, batch))
+  if mode == 'train':
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.loss.label_smoothing)
+
+    def step():
+      opt.zero_grad(set_to_none=True)
+      loss = loss_fn(model(images)[0], labels)
+      loss.backward()
+      opt.step()
+  else:
+    model.eval()
+
+    def step():
+      with torch.inference_mode():
+        model(images)
+  timing = time_steps(step, repeats)
+  return timing, {'backend': 'cpu', 'device_kind': 'cpu', 'device_peak_gib': None,
+                  'torch': torch.__version__, 'torch_threads': torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------ driver ---
+
+
+def run_case(args) -> dict:
+  """Runs one case in this process and returns its record."""
+  config = resolve_config(args)
+  dtype = args.compute_dtype
+  record = {'impl': args.impl, 'mode': args.mode, 'batch': args.batch,
+            'config': args.config or f'preset:{args.preset}', 'overrides': args.set,
+            'load_avg': os.getloadavg()[0], 'cores': os.cpu_count(), 'cpu': cpu_name()}
+  try:
+    if args.impl == 'jax':
+      if dtype == 'auto':
+        import jax  # pylint: disable=g-import-not-at-top
+        dtype = config.compute_dtype if jax.default_backend() != 'cpu' else 'float32'
+      timing, machine = jax_case(config, args.mode, args.batch, args.repeats, args.weights,
+                                 dtype)
+      record['compute_dtype'] = dtype
+    else:
+      timing, machine = torch_case(config, args.mode, args.batch, args.repeats, args.torch_repo,
+                                   args.threads, args.weights)
+  except SkipCase as e:
+    record['skipped'] = str(e)
+    return record
+  step_s = median(timing.step_s)
+  record.update(machine)
+  record.update(images_per_s=args.batch / step_s, step_s=step_s, compile_s=timing.compile_s,
+                step_s_all=timing.step_s, peak_mem_gib=peak_rss_gib())
+  return record
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  source = parser.add_mutually_exclusive_group()
+  source.add_argument('--config', help='ml_collections config file (path[:variant])')
+  source.add_argument('--preset', choices=sorted(PRESETS), default='tiny',
+                      help='published BHViT flags without a config file')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='config override, e.g. model.split_groups=True (repeatable)')
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--mode', default='train,eval',
+                      help=f'comma-separated subset of {",".join(MODES)}')
+  parser.add_argument('--repeats', type=int, default=5, help='timed steps (median reported)')
+  parser.add_argument('--compute-dtype', default='auto',
+                      help="'auto' (float32 on CPU, the config's compute_dtype elsewhere), "
+                           "'float32' or 'bfloat16'")
+  parser.add_argument('--torch-repo', help='checkout of the official BHViT repository')
+  parser.add_argument('--threads', type=int, default=os.cpu_count(),
+                      help='PyTorch intra-op threads')
+  parser.add_argument('--json', action='store_true', help='one JSON line per case only')
+  # Internal: run one case in this process (used by the driver's subprocesses).
+  parser.add_argument('--impl', choices=('jax', 'torch'), help=argparse.SUPPRESS)
+  parser.add_argument('--weights', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  modes = [m for m in args.mode.split(',') if m]
+  bad = sorted(set(modes) - set(MODES))
+  if bad or not modes:
+    parser.error(f'--mode {args.mode!r}: expected a comma-separated subset of {MODES}')
+  if args.batch < 1 or args.repeats < 1:
+    parser.error('--batch and --repeats must be positive')
+  args.modes = modes
+  return args
+
+
+def _case_argv(args, impl, mode, weights):
+  argv = [sys.executable, os.path.abspath(__file__), '--impl', impl, '--mode', mode,
+          '--batch', str(args.batch), '--repeats', str(args.repeats), '--compute-dtype',
+          args.compute_dtype, '--threads', str(args.threads), '--weights', weights]
+  argv += ['--config', args.config] if args.config else ['--preset', args.preset]
+  for item in args.set:
+    argv += ['--set', item]
+  if args.torch_repo:
+    argv += ['--torch-repo', args.torch_repo]
+  return argv
+
+
+def _run_subprocess(argv) -> dict:
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
+  result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+  lines = [l for l in result.stdout.splitlines() if l.startswith('{')]
+  if result.returncode or not lines:
+    return {'error': result.stderr.strip().splitlines()[-5:], 'argv': argv[2:]}
+  return json.loads(lines[-1])
+
+
+def _describe(r: dict) -> str:
+  head = f"{r.get('impl', '?'):>5} {r.get('mode', '?'):>6} batch {r.get('batch', '?')}"
+  if 'error' in r:
+    return f'{head}: FAILED {r["error"]}'
+  if 'skipped' in r:
+    return f'{head}: skipped ({r["skipped"]})'
+  return (f"{head}: {r['images_per_s']:7.2f} images/s  step {r['step_s']:.3f} s  "
+          f"compile+warm-up {r['compile_s']:.1f} s  peak RSS {r['peak_mem_gib']:.2f} GiB  "
+          f"(load {r['load_avg']:.1f})")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.impl:
+    args.mode = args.modes[0]
+    print(json.dumps(run_case(args)), flush=True)
+    return 0
+  records = []
+  with tempfile.TemporaryDirectory() as tmp:
+    weights = os.path.join(tmp, 'reference_init.pth') if args.torch_repo else ''
+    for mode in args.modes:
+      impls = ['torch', 'jax'] if args.torch_repo else ['jax']
+      for impl in impls:
+        record = _run_subprocess(_case_argv(args, impl, mode, weights))
+        records.append(record)
+        print(json.dumps(record) if args.json else _describe(record), flush=True)
+      if args.torch_repo and not args.json:
+        by_impl = {r.get('impl'): r for r in records[-2:] if 'images_per_s' in r}
+        if len(by_impl) == 2:
+          print(f"  {mode}: jax/torch = "
+                f"{by_impl['jax']['images_per_s'] / by_impl['torch']['images_per_s']:.2f}x")
+  return 1 if any('error' in r for r in records) else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
