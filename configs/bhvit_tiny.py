@@ -11,9 +11,9 @@ Variants (get_config argument, `--config configs/bhvit_tiny.py:paper`):
 Hardware / time: the reference trained on 2 GPUs × 128 images for 100 epochs (~500k steps of
 batch 256); expect several days on one modern GPU with compute_dtype='bfloat16'.
 Expected: ImageNet-1k top-1 66.0% (some_fp=True, the released model; 64.0% all binary).
-The DeiT teacher needs a Flax DeiT (`bhvit_jax.deit`), which the project does not have yet:
-without it, use kind='bhvit' with a trained checkpoint of this project, or the 'noteacher'
-variant.
+The teacher is the paper's DeiT-small (`bhvit_jax.deit`), loaded from a timm-format .pth
+(e.g. deit_small_patch16_224); other ViT/DeiT sizes via --config.loss.teacher.embed_dim/
+depth/num_heads/patch_size. Without one, use the 'noteacher' variant.
 """
 import ml_collections
 
@@ -53,9 +53,14 @@ def imagenet_config(model_sizes: dict, variant: str = 'run'):
 
   config.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.1, ce_weight=0.0, distill_weight=1.0,
-      teacher=ml_collections.ConfigDict(dict(kind='deit', checkpoint='', config=''))))
+      teacher=ml_collections.ConfigDict(dict(
+          kind='deit', checkpoint='', config='', patch_size=16, embed_dim=384, depth=12,
+          num_heads=6, mlp_ratio=4.0))))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Multi-process start-up (bhvit_jax.sharding.initialize_distributed); empty/0/-1 = auto.
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=0, process_id=-1))
 
   if variant == 'reg':
     config.loss.distill_weight = 0.9

@@ -1,0 +1,153 @@
+"""tools/evaluate.py against a direct numpy evaluation; tools/plot_training.py's PNG."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from bhvit_jax import checkpoint as ckpt_lib
+from bhvit_jax import convert
+from bhvit_jax import data as data_lib
+from bhvit_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The demo model shrunk so it compiles in seconds; evaluated on the 500 held-out digits.
+TINY_CONFIG = f'''
+from bhvit_jax import train
+
+
+def get_config():
+  config = train.load_config_file({str(REPO / 'configs' / 'demo.py')!r})
+  config.model.update(hidden_sizes=(8, 16, 32, 64), mlp_sizes=(16, 32, 64, 128),
+                      num_heads=(1, 1, 2, 2))
+  return config
+'''
+# Scales and quantizer step sizes; every other parameter (shifts, biases) is centred on 0.
+POSITIVE = ('scale', 'alpha', 'a1', 'parm', 'prelu')
+
+
+def _random_variables(model, seed=0):
+  """Variables of `model` drawn at random without running its (slow to compile) init."""
+  shapes = jax.eval_shape(lambda key: train.init_variables(model, key), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, spec):
+    name = path[-1].key
+    if path[0].key == 'params' and name in POSITIVE:
+      value = rng.uniform(0.2, 0.5, spec.shape)
+    elif path[0].key == 'params':
+      value = rng.normal(0, 0.2 if name == 'kernel' else 0.01, spec.shape)
+    else:  # calibrated quantizers, unit-variance BatchNorm statistics
+      value = (np.zeros if name in ('mean', 'num_batches_tracked') else np.ones)(spec.shape)
+    return value.astype(spec.dtype)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  """(config path, config, model, variables, jitted apply, {format: checkpoint path})."""
+  root = tmp_path_factory.mktemp('tiny')
+  config_path = root / 'tiny.py'
+  config_path.write_text(TINY_CONFIG)
+  config = train.load_config_file(str(config_path))
+  model = train.build_model(config.model)
+  variables = _random_variables(model)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  # Random features share a large class-wise offset; removing it from the classifier bias
+  # makes the random model predict many classes, so top-1 and top-5 differ per example.
+  images = next(iter(data_lib.build_eval_iter(config)))['image']
+  variables['params']['classifier']['bias'] -= np.asarray(apply(variables, images)).mean(0)
+  paths = {'msgpack': root / 'vars.msgpack', 'pth': root / 'vars.pth', 'orbax': root / 'run'}
+  convert.save_flax_file(variables, paths['msgpack'])
+  convert.save_torch_file(convert.flax_to_torch(variables), paths['pth'])
+  checkpoints = ckpt_lib.Checkpointer(str(paths['orbax'] / 'checkpoints'), 1, 1)
+  checkpoints.save(3, variables, {}, force=True)
+  checkpoints.close()
+  return (str(config_path), config, model, variables, apply,
+          {k: str(v) for k, v in paths.items()})
+
+
+@pytest.mark.parametrize('kind', ['msgpack', 'pth', 'orbax'])
+def test_every_checkpoint_format_loads_the_same_variables(tiny, kind):
+  pytest.importorskip('torch')
+  _, _, model, variables, _, paths = tiny
+  reference = jax.eval_shape(lambda key: train.init_variables(model, key), jax.random.PRNGKey(0))
+  loaded = train.load_pretrained(paths[kind], model, reference)
+  want = jax.tree_util.tree_leaves_with_path(variables)
+  got = dict(jax.tree_util.tree_leaves_with_path(loaded))
+  assert len(got) == len(want)
+  for path, value in want:
+    np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=str(path))
+
+
+def _direct_metrics(config, apply, variables):
+  """Top-1/top-5 (%) and mean CE from the logits of every unpadded held-out example."""
+  logits, labels = [], []
+  for batch in data_lib.build_eval_iter(config):
+    keep = batch['mask'] > 0
+    logits.append(np.asarray(apply(variables, batch['image']), np.float64)[keep])
+    labels.append(batch['label'][keep])
+  logits, labels = np.concatenate(logits), np.concatenate(labels)
+  ranked = np.argsort(-logits, axis=1)
+  log_probs = logits - logits.max(1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+  return {'top1': 100 * np.mean(ranked[:, 0] == labels),
+          'top5': 100 * np.mean((ranked[:, :5] == labels[:, None]).any(1)),
+          'loss': -np.mean(log_probs[np.arange(len(labels)), labels]),
+          'examples': len(labels), 'predicted_classes': len(set(ranked[:, 0]))}
+
+
+def test_evaluate_cli_matches_direct_computation(tiny, tmp_path):
+  config_path, config, _, variables, apply, paths = tiny
+  out = tmp_path / 'result.json'
+  # Batch 128 leaves a padded last batch (500 = 3·128 + 116) that must not be counted.
+  run = subprocess.run(
+      [sys.executable, 'tools/evaluate.py', '--config', config_path, '--checkpoint',
+       paths['orbax'], '--config.batch_size=128', '--split', 'eval', '--json', str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'top-5' in run.stdout
+  result = json.loads(out.read_text())
+  config.batch_size = 128
+  want = _direct_metrics(config, apply, variables)
+  assert want['predicted_classes'] > 1  # the random model is not a constant predictor
+  assert result['split'] == 'test' and result['examples'] == want['examples'] == 500
+  assert result['top1'] == pytest.approx(want['top1'], abs=1e-9)
+  assert result['top5'] == pytest.approx(want['top5'], abs=1e-9)
+  assert result['top1'] <= result['top5']
+  assert result['loss'] == pytest.approx(want['loss'], rel=1e-5)
+
+
+def _write_run(workdir, steps, loss0, flip):
+  workdir.mkdir()
+  records = [{'kind': 'train', 'step': s, 'loss': loss0 / s, 'lr': 1e-3 * (1 - s / 110),
+              'sign_flip_rate': flip / s, 'train_top1': 90 - 50 / s} for s in steps]
+  records += [{'kind': 'eval', 'step': s, 'top1': 95 - 100 / s, 'loss': 0.1} for s in (50, 100)]
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+def test_plot_training_draws_both_runs(tmp_path):
+  steps = range(10, 101, 10)
+  _write_run(tmp_path / 'reg_off', steps, 3.0, 1e-2)
+  _write_run(tmp_path / 'reg_on', steps, 2.0, 1e-3)
+  out = tmp_path / 'runs.png'
+  run = subprocess.run(
+      [sys.executable, 'tools/plot_training.py', str(tmp_path / 'reg_off'),
+       str(tmp_path / 'reg_on'), '--labels', 'off,on', '--out', str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0, run.stderr[-3000:]
+  pixels = np.asarray(Image.open(out).convert('RGB')).reshape(-1, 3).astype(int)
+  assert Image.open(out).size == (1100, 700)
+  assert (pixels != 255).any(axis=1).mean() > 0.02  # not blank
+  for colour in ((0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)):  # matplotlib's C0 and C1 lines
+    assert (np.abs(pixels - colour).sum(1) < 30).sum() > 200, colour
+
+
+def test_plot_training_names_a_workdir_without_metrics(tmp_path):
+  run = subprocess.run([sys.executable, 'tools/plot_training.py', str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert run.returncode != 0 and 'no metrics.jsonl' in run.stderr

@@ -1,0 +1,84 @@
+r"""Top-1, top-5 and mean cross-entropy of a checkpoint on one split of the config's data set.
+
+  python tools/evaluate.py --config configs/demo.py --checkpoint runs/demo
+  python tools/evaluate.py --config configs/bhvit_tiny.py --checkpoint bhvit_tiny.pth \
+      --config.data.data_dir=/data/imagenet --split eval --json result.json
+
+--checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train`, a `.msgpack` of
+Flax variables, or a PyTorch `.pth`/`.pt` of the official BHViT. --split: 'eval' (the config's
+data.eval_split, default), 'train' (data.train_split, with the eval transform) or a split name.
+It uses the training loop's eval step (train.make_eval_step / train.evaluate).
+"""
+import json
+
+from absl import app
+from absl import flags
+import jax
+import optax
+
+from bhvit_jax import data as data_lib
+from bhvit_jax import train
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'orbax directory, .msgpack or .pth')
+_SPLIT = flags.DEFINE_string('split', 'eval', "'eval', 'train' or a split name")
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'evaluation batch (0: config.batch_size)')
+_JSON = flags.DEFINE_string('json', '', 'also write the result as JSON to this path')
+# --config (a config file, with --config.x=... overrides) is the flag bhvit_jax.train defines
+# when imported; absl allows one definition, so this tool parses that one.
+FLAGS = flags.FLAGS
+
+
+def split_name(config, split: str) -> str:
+  return {'eval': config.data.eval_split, 'train': config.data.train_split}.get(split, split)
+
+
+def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0
+                        ) -> dict:
+  """{'top1', 'top5' (%), 'loss', 'examples', 'split', 'checkpoint'} of `checkpoint`."""
+  model = train.build_model(config.model, config.compute_dtype)
+  classes = data_lib.num_classes(config)
+  if classes != model.num_classes:
+    raise ValueError(f'model.num_classes={model.num_classes} but data set '
+                     f'{config.data.name!r} has {classes} classes')
+  # Shapes suffice to check the checkpoint; initializing BHViT for real compiles slowly.
+  reference = jax.eval_shape(lambda rng: train.init_variables(model, rng), jax.random.PRNGKey(0))
+  variables = train.load_pretrained(checkpoint, model, reference)
+  missing = [k for k, v in variables.items()
+             if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(v))]
+  if missing:
+    raise ValueError(f'checkpoint {checkpoint} lacks the variable collections {missing}')
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.eval_split = split_name(config, split)
+    if batch_size:
+      config.eval_batch_size = batch_size
+  # The variables travel as jit arguments (inside the state): closing over them would let XLA
+  # constant-fold the binarization, whose rounding can flip signs.
+  state = train.create_train_state(variables, optax.identity())
+  eval_step = jax.jit(train.make_eval_step(model))
+  result = train.evaluate(eval_step, state, data_lib.build_eval_iter(config))
+  return {'checkpoint': checkpoint, 'split': config.data.eval_split, **result}
+
+
+def format_table(result: dict) -> str:
+  rows = [('checkpoint', result['checkpoint']),
+          ('split', f"{result['split']} ({result['examples']} examples)"),
+          ('top-1', f"{result['top1']:.2f} %"), ('top-5', f"{result['top5']:.2f} %"),
+          ('mean loss', f"{result['loss']:.4f}")]
+  return '\n'.join(f'{name:<11}{value}' for name, value in rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value)
+  print(format_table(result))
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=2)
+    print(f'wrote {_JSON.value}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'checkpoint'])
+  app.run(main)
