@@ -61,7 +61,8 @@ def check_shapes(stored: dict, target: dict, what: str):
     shown = problems[:40] + ([f'  ... and {len(problems) - 40} more'] if len(problems) > 40 else [])
     raise ShapeMismatchError(
         f'{what} does not match the current model/optimizer configuration '
-        f'({len(problems)} mismatches); was it written with another model config?\n'
+        f'({len(problems)} mismatches); was it written with another model config? Nothing on '
+        'disk was changed.\n'
         + '\n'.join(shown))
 
 
@@ -145,8 +146,14 @@ def load_variables(directory: str) -> dict:
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'no orbax checkpoint found in {directory}')
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  stored = manager.item_metadata(step)['state']
+  stored = stored.tree if hasattr(stored, 'tree') else stored
+  # Host arrays as the restore target: the devices (or processes) that saved the checkpoint
+  # need not exist here.
+  target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), stored)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))['state']
   manager.close()
-  train_state = state.get('train', state)  # train.py saves {'train': TrainState, 'rng': key}
-  return {k: jax.tree_util.tree_map(np.asarray, train_state.get(k) or {})
+  variables = restored.get('train', restored)  # train.py saves {'train': TrainState, 'rng': key}
+  return {k: jax.tree_util.tree_map(np.asarray, variables.get(k) or {})
           for k in ('params', 'batch_stats', 'quant_state')}

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import struct
+import threading
 from typing import Any, Iterator
 
 from absl import flags
@@ -40,6 +41,22 @@ _RECORD_HEADER = struct.Struct('<i')
 # Corrupt records are replaced by the next readable one; give up after this.
 _MAX_CORRUPT_RUN = 16
 _SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
+
+
+class _Counter:
+  """Thread-safe count shared by the loader threads of one process."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.value = 0
+
+  def increment(self) -> int:
+    with self._lock:
+      self.value += 1
+      return self.value
+
+
+_skipped = _Counter()
 
 
 def encode_record(image_bytes: bytes, label: int) -> bytes:
@@ -385,9 +402,17 @@ def _read(plan: _Plan, index: int) -> tuple[np.ndarray, int]:
       return plan.source[(index + offset) % len(plan.source)]
     except CorruptRecordError as e:
       if plan.on_corrupt != 'skip':
-        raise
-      logging.warning('skipping: %s', e)
-  raise CorruptRecordError(f'{_MAX_CORRUPT_RUN} corrupt records in a row from {index}')
+        raise CorruptRecordError(
+            f"{e} (set data.on_corrupt='skip' to replace such records)") from e
+      logging.warning('skipping corrupt record (%d skipped so far in this process): %s',
+                      _skipped.increment(), e)
+  raise CorruptRecordError(f'{_MAX_CORRUPT_RUN} corrupt records in a row from {index}; '
+                           'is the data set intact?')
+
+
+def corrupt_records_skipped() -> int:
+  """Corrupt records this process replaced under on_corrupt='skip' (loader threads included)."""
+  return _skipped.value
 
 
 def _train_batch(plan: _Plan, step: int) -> dict[str, np.ndarray]:

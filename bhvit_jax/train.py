@@ -8,7 +8,6 @@ WORKDIR/tb and WORKDIR/training.png.
 Reusable pieces: `create_train_state`, `make_train_step`, `make_eval_step`, `evaluate`.
 """
 import functools
-import importlib
 import importlib.util
 import itertools
 import json
@@ -30,10 +29,13 @@ import numpy as np
 import optax
 
 from bhvit_jax import checkpoint as ckpt_lib
+from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
 from bhvit_jax import losses
 from bhvit_jax import model as model_lib
 from bhvit_jax import optim
+from bhvit_jax import plots
+from bhvit_jax import sharding as sharding_lib
 
 PyTree = Any
 
@@ -162,7 +164,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
 
 
 def make_eval_step(model) -> Callable:
-  """`eval_step(state, batch) -> sums` of correct predictions, CE and examples (mask-weighted)."""
+  """`eval_step(state, batch) -> sums` of top-1/top-5 correct predictions, CE and examples
+  (mask-weighted). Top-5 is top-min(5, classes)."""
 
   def eval_step(state: TrainState, batch):
     variables = {k: v for k, v in state.variables().items() if v}
@@ -170,22 +173,26 @@ def make_eval_step(model) -> Callable:
     mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
     log_probs = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(log_probs, batch['label'][:, None], axis=-1)[:, 0]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    in_top5 = jnp.any(top5 == batch['label'][:, None], axis=-1)
     return {'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-            'loss': jnp.sum(nll * mask), 'count': jnp.sum(mask)}
+            'correct5': jnp.sum(in_top5 * mask), 'loss': jnp.sum(nll * mask),
+            'count': jnp.sum(mask)}
   return eval_step
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
-  """Top-1 (%) and mean CE over one pass of `batches`."""
+  """Top-1 and top-5 (%) and mean CE over one pass of `batches`."""
   totals = None
   for batch in batches:
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError('evaluation set is empty')
-  totals = jax.device_get(totals)
+  totals = sharding_lib.fetch(totals)
   count = max(float(totals['count']), 1.0)
   return {'top1': 100.0 * float(totals['correct']) / count,
+          'top5': 100.0 * float(totals['correct5']) / count,
           'loss': float(totals['loss']) / count, 'examples': int(totals['count'])}
 
 
@@ -207,17 +214,19 @@ def init_variables(model, rng) -> dict:
 
 
 def load_pretrained(path: str, model, reference: dict) -> dict:
-  """Variables from a PyTorch state dict (.pth/.pt) or an orbax run/checkpoint directory.
+  """Variables from a PyTorch state dict (.pth/.pt), a Flax `.msgpack` file or an orbax
+  run/checkpoint directory.
 
   Raises a ShapeMismatchError listing every leaf that differs from `reference`.
   """
-  if os.path.isdir(path):
-    loaded = ckpt_lib.load_variables(path)
+  from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path) or path.endswith('.msgpack'):
+    loaded = convert.load_flax_variables(path)
   elif path.endswith(('.pth', '.pt')):
-    from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
     loaded = convert.torch_to_flax(convert.load_torch_file(path), model)
   else:
-    raise ValueError(f'init_from={path!r}: expected a .pth/.pt file or an orbax directory')
+    raise ValueError(f'{path!r}: expected a .pth/.pt file, a .msgpack file or an orbax '
+                     'directory')
   loaded = {k: v for k, v in loaded.items() if k in reference and v}
   if 'params' not in loaded:
     raise ValueError(f'pretrained weights {path} contain no params')
@@ -233,15 +242,7 @@ def _needs_calibration(variables) -> bool:
   return any(not bool(np.all(np.asarray(f))) for f in flags_)
 
 
-def load_config_file(spec: str):
-  """`get_config()` of a config file given as 'path.py' or 'path.py:argument'."""
-  path, _, argument = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('loaded_config', path)
-  if module_spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f'config file not found: {path}')
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(argument) if argument else module.get_config()
+load_config_file = config_lib.load_config_file
 
 
 def _teacher_bhvit(teacher_config, student_config):
@@ -256,13 +257,7 @@ def _teacher_bhvit(teacher_config, student_config):
 
 
 def _teacher_deit(teacher_config, student_config):
-  if importlib.util.find_spec('bhvit_jax.deit') is None:
-    raise NotImplementedError(
-        "loss.teacher.kind='deit' needs a Flax DeiT (module bhvit_jax.deit with "
-        '`build_teacher(teacher_config, config) -> (module, variables)`), which this project '
-        "does not have yet. Use loss.teacher.kind='bhvit' with a checkpoint of this project, or "
-        "'none'.")
-  deit = importlib.import_module('bhvit_jax.deit')
+  from bhvit_jax import deit  # pylint: disable=g-import-not-at-top
   return deit.build_teacher(teacher_config, student_config)
 
 
@@ -284,11 +279,17 @@ def build_teacher(config):
 
 
 class MetricsWriter:
-  """metrics.jsonl (rewritten from the checkpointed history on resume) + TensorBoard."""
+  """metrics.jsonl (rewritten from the checkpointed history on resume) + TensorBoard.
 
-  def __init__(self, workdir: str, history: list):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  Every process keeps the history (it is checkpointed); only an `active` one writes files.
+  """
+
+  def __init__(self, workdir: str, history: list, active: bool = True):
     self.history = list(history)
+    self.active = active
+    if not active:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.path = os.path.join(workdir, 'metrics.jsonl')
     with open(self.path, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in self.history)
@@ -296,6 +297,8 @@ class MetricsWriter:
 
   def write(self, record: dict):
     self.history.append(record)
+    if not self.active:
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     prefix = record.get('kind', 'train')
@@ -305,39 +308,13 @@ class MetricsWriter:
     self._tb.flush()
 
   def close(self):
-    self._tb.close()
-
-
-def plot_history(history: list, path: str) -> str:
-  """PNG with loss, accuracy, learning rate and sign-flip rate against the step."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  train = [r for r in history if r.get('kind') == 'train']
-  evals = [r for r in history if r.get('kind') == 'eval']
-  column = lambda rows, key: ([r['step'] for r in rows], [r[key] for r in rows])
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-  axes[0, 0].plot(*column(train, 'loss'))
-  axes[0, 0].set(title='training loss', xlabel='step')
-  axes[0, 1].plot(*column(train, 'train_top1'), label='train batch')
-  if evals:
-    axes[0, 1].plot(*column(evals, 'top1'), 'o-', label='held-out')
-  axes[0, 1].set(title='top-1 (%)', xlabel='step')
-  axes[0, 1].legend()
-  axes[1, 0].plot(*column(train, 'lr'))
-  axes[1, 0].set(title='learning rate', xlabel='step')
-  axes[1, 1].plot(*column(train, 'sign_flip_rate'))
-  axes[1, 1].set(title='sign-flip rate per step', xlabel='step')
-  axes[1, 1].set_yscale('symlog', linthresh=1e-4)  # rates span 1e-2 .. 0
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+    if self.active:
+      self._tb.close()
 
 
 def _summarize(device_metrics: list) -> dict:
   """Means over a logging interval of per-step metrics fetched from the device."""
-  host = jax.device_get(device_metrics)
+  host = sharding_lib.fetch(device_metrics)
   record = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != 'step'}
   record['train_top1'] *= 100.0
   for key in ('nonfinite_in_row', 'nonfinite_total'):
@@ -380,28 +357,21 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _placement(mesh):
-  """(put_replicated, put_batch): state replicated, batches split along the 'data' axis.
+def _resume(config, checkpoints, state, rng, block):
+  """(state, rng, metrics history, train iterator) from the newest checkpoint, or fresh.
 
-  Without a mesh both are the identity (jit places everything on the default device).
+  `block` is (index, count) of this process's rows of the global batch. The restore is
+  collective: every process calls it, with `state` already carrying its shardings.
   """
-  if mesh is None:
-    return (lambda tree: tree), (lambda batch: batch)
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  replicated = NamedSharding(mesh, PartitionSpec())
-  sharded = NamedSharding(mesh, PartitionSpec('data'))
-  return (lambda tree: jax.device_put(tree, replicated),
-          lambda batch: jax.device_put(batch, sharded))
-
-
-def _resume(config, checkpoints, state, rng):
-  """(state, rng, metrics history, train iterator) from the newest checkpoint, or fresh."""
+  read = functools.partial(data_lib.build_train_iter, config, process_index=block[0],
+                           process_count=block[1])
   restored = checkpoints.restore({'train': state, 'rng': rng})
   if restored is None:
-    return state, rng, [], data_lib.build_train_iter(config, start_step=0)
+    return state, rng, [], read(start_step=0)
   step, tree, meta = restored
-  print(f'Resuming from {checkpoints.directory} at step {step}.')
-  train_iter = data_lib.build_train_iter(config, start_step=step)
+  if sharding_lib.is_primary():
+    print(f'Resuming from {checkpoints.directory} at step {step}.')
+  train_iter = read(start_step=step)
   train_iter.set_state(meta['data_state'])
   return tree['train'], tree['rng'], meta['history'], train_iter
 
@@ -429,13 +399,20 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   Args:
     config: the shared ml_collections schema.
     workdir: checkpoints, metrics.jsonl, tb/ and training.png go here.
-    mesh: optional jax Mesh with a 'data' axis; batches are sharded along it.
+    mesh: optional jax Mesh with axes ('data', 'fsdp') (see `sharding`); default the one of
+      config.mesh over all devices of all processes (started by `initialize_distributed`).
     should_stop: optional `f(step) -> bool` checked after each step; when true the loop saves
       a checkpoint and returns early, as on SIGTERM.
   Returns:
     (final TrainState, summary dict with 'top1' (None when stopped early), 'step', 'plot').
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  sharding_lib.initialize_distributed(config)
+  mesh = mesh or sharding_lib.make_mesh(config.get('mesh') or {})
+  block = sharding_lib.process_batch_block(mesh, config.batch_size)
+  eval_block = sharding_lib.process_batch_block(
+      mesh, config.get('eval_batch_size') or config.batch_size)
+  primary = sharding_lib.is_primary()
   os.makedirs(workdir, exist_ok=True)
   model = build_model(config.model, config.compute_dtype)
   classes = data_lib.num_classes(config)
@@ -455,19 +432,27 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   if config.get('init_from'):
     variables = load_pretrained(config.init_from, model, variables)
   state = create_train_state(variables, tx)
+  state_shardings = sharding_lib.tree_shardings(mesh, state)
+  teacher_shardings = sharding_lib.tree_shardings(mesh, teacher_variables)
+  replicated, batch_sharding = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
+  state, teacher_variables, step_rng = sharding_lib.put(
+      (state, teacher_variables, step_rng), (state_shardings, teacher_shardings, replicated))
 
   checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                       config.checkpoint_every_steps, config.keep_checkpoints)
-  state, step_rng, history, train_iter = _resume(config, checkpoints, state, step_rng)
-  start_step = int(state.step)
+  state, step_rng, history, train_iter = _resume(config, checkpoints, state, step_rng, block)
+  start_step = int(sharding_lib.fetch(state.step))
 
-  train_step = jax.jit(make_train_step(
-      model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
-      reg_in_loss=reg_in_loss, teacher_model=teacher_model), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model))
-  put_replicated, put_batch = _placement(mesh)
-  state, teacher_variables = put_replicated((state, teacher_variables))
-  writer = MetricsWriter(workdir, history)
+  train_step = sharding_lib.jit_train_step(
+      make_train_step(model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
+                      reg_in_loss=reg_in_loss, teacher_model=teacher_model),
+      mesh, state_shardings, teacher_shardings)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings, batch_sharding),
+                      out_shardings=replicated)
+  put_batch = functools.partial(sharding_lib.global_batch, mesh)
+  eval_batches = lambda: map(put_batch, data_lib.build_eval_iter(
+      config, process_index=eval_block[0], process_count=eval_block[1]))
+  writer = MetricsWriter(workdir, history, active=primary)
 
   def save():
     if checkpoints.latest_step() == int(state.step):
@@ -480,12 +465,12 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   if start_step == 0 and _needs_calibration(state.variables()):
     first = next(batches)
     batches = itertools.chain([first], batches)
-    state = _calibrate(model, state, put_batch(first)['image'])
+    state = jax.device_put(_calibrate(model, state, put_batch(first)['image']), state_shardings)
 
   interval, last_log = [], time.time()
   stopped = False
   log_every = max(int(config.log_every_steps), 1)
-  with _SigtermFlag() as sigterm, tqdm(total=total_steps, initial=start_step,
+  with _SigtermFlag() as sigterm, tqdm(total=total_steps, initial=start_step, disable=not primary,
                                        dynamic_ncols=True, mininterval=2.0) as bar:
     for step in range(start_step, total_steps):
       batch = put_batch(next(batches))
@@ -509,7 +494,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
                         img_s=f"{record['images_per_sec']:.0f}")
         interval, last_log = [], now
       if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-        result = evaluate(eval_step, state, map(put_batch, data_lib.build_eval_iter(config)))
+        result = evaluate(eval_step, state, eval_batches())
         writer.write({'kind': 'eval', 'step': done, **result})
         last_log = time.time()
       bar.update(1)
@@ -527,13 +512,15 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
 
   summary = {'step': int(state.step), 'top1': None, 'plot': None}
   if not stopped:
-    result = evaluate(eval_step, state, map(put_batch, data_lib.build_eval_iter(config)))
+    result = evaluate(eval_step, state, eval_batches())
     writer.write({'kind': 'eval', 'step': int(state.step), **result})
     save()
     summary['top1'] = result['top1']
   checkpoints.close()
   writer.close()
-  summary['plot'] = plot_history(writer.history, os.path.join(workdir, 'training.png'))
+  if primary:
+    summary['plot'] = plots.plot_runs({'': writer.history},
+                                      os.path.join(workdir, 'training.png'))
   return state, summary
 
 
@@ -542,14 +529,22 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuratio
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
 
 
+# Failures caused by the config, the data or the files given: reported as one `error:` line.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError,
+                NotImplementedError)
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines drown the bar
   try:
+    config_lib.validate(_CONFIG.value)
     _, summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except NonFiniteError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    config_lib.fail(str(e), code=1)
+  except _USER_ERRORS as e:
+    logging.debug('traceback of the error below', exc_info=True)
+    config_lib.fail(str(e))
   if summary['top1'] is None:
     print(f"stopped at step {summary['step']}; checkpoint saved, rerun the same command to "
           'resume.')
@@ -560,4 +555,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -60,4 +60,7 @@ def get_config():
       teacher=ml_collections.ConfigDict(dict(kind='none', checkpoint='', config=''))))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Multi-process start-up (bhvit_jax.sharding.initialize_distributed); empty/0/-1 = auto.
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=0, process_id=-1))
   return config

@@ -80,22 +80,6 @@ def test_calibration_sets_alpha_from_key_count():
     np.testing.assert_array_equal(a, b)
 
 
-def test_remat_gives_identical_gradients():
-  x = _images()
-  plain = model_lib.BHViT(**SMALL, gsb=True)
-  remat = model_lib.BHViT(**SMALL, gsb=True, remat=True)
-  variables = plain.init({'params': jax.random.PRNGKey(1)}, x)
-
-  def grads(m):
-    f = lambda p: jnp.sum(m.apply({**variables, 'params': p}, x, train=True,
-                                  mutable=['batch_stats'])[0] ** 2)
-    return jax.jit(jax.grad(f))(variables['params'])
-
-  for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
-    # Remat changes XLA's fusion, hence float rounding: compare per tensor in norm.
-    assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-7
-
-
 def test_drop_path_only_in_training():
   model = model_lib.BHViT(**SMALL, gsb=True, drop_path=0.5)
   x = _images(8)

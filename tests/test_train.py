@@ -97,8 +97,8 @@ def test_nonfinite_batches_are_skipped_then_stop(tmp_path, tiny_model, monkeypat
 
   class Poisoned:
     """Batches 2, 3, ... have NaN pixels."""
-    def __init__(self, config, start_step=0):
-      self._it = real_iter(config, start_step)
+    def __init__(self, config, start_step=0, **process_block):
+      self._it = real_iter(config, start_step, **process_block)
     def __iter__(self):
       return self
     def __next__(self):

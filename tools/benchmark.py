@@ -6,7 +6,7 @@ r"""Training and inference throughput and peak memory of bhvit_jax, optionally b
 
 Every case (implementation × mode) runs in its own subprocess, so the peak RSS
 (`resource.getrusage` high-water mark) belongs to that case alone. A case compiles and runs
-one warm-up step (reported as `compile_s`, not timed), then times `--repeats` steps and reports
+one warm-up step (`compile_s`, `warmup_s`: not timed), then times `--repeats` steps and reports
 the median as images/s. Cases run one after the other in the same invocation, so JAX and
 PyTorch numbers share the machine's load (`load_avg` is recorded before each case).
 
@@ -36,6 +36,11 @@ import time
 import types
 
 GIB = 2.0 ** 30
+# XLA on CPU allocates every step's buffers afresh; with glibc's defaults each large buffer is
+# a new mmap whose 4 KiB pages fault in on first touch, which dominates the memory-bound
+# parts of the step. Transparent huge pages and a heap that is never trimmed remove that.
+MALLOC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
+                   'glibc.malloc.trim_threshold=68719476736')
 PRESETS = {'tiny': (2, 2, 6, 2), 'small': (3, 4, 8, 4)}
 MODES = ('train', 'eval', 'packed')
 
@@ -130,21 +135,22 @@ def median(values):
 
 @dataclasses.dataclass
 class Timing:
-  compile_s: float
+  warmup_s: float
   step_s: list
+  compile_s: float = 0.0
 
 
 def time_steps(step, repeats: int) -> Timing:
-  """`step()` blocks until done; the first call (compile + warm-up) is timed apart."""
+  """`step()` blocks until done; the first call is a warm-up, timed apart."""
   start = time.perf_counter()
   step()
-  compile_s = time.perf_counter() - start
+  warmup_s = time.perf_counter() - start
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
-  return Timing(compile_s, times)
+  return Timing(warmup_s, times)
 
 
 # --------------------------------------------------------------------- JAX ---
@@ -164,39 +170,53 @@ def jax_case(config, mode: str, batch: int, repeats: int, weights: str, compute_
   images = jnp.asarray(rng.randn(batch, model.image_size, model.image_size, 3), jnp.float32)
   labels = jnp.asarray(rng.randint(0, model.num_classes, batch), jnp.int32)
 
+  start = time.perf_counter()
   if mode == 'train':
-    step = _jax_train_step(train, model, config, variables, images, labels, batch)
+    step, compiled = _jax_train_step(train, model, config, variables, images, labels, batch)
   elif mode == 'eval':
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    step = lambda: jax.block_until_ready(forward(variables, images))
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+        variables, images).compile()
+    step = lambda: jax.block_until_ready(compiled(variables, images))
   else:
-    step = _jax_packed_step(model, variables, images)
+    step, compiled = _jax_packed_step(model, variables, images)
+  compile_s = time.perf_counter() - start
   timing = time_steps(step, repeats)
+  timing.compile_s = compile_s
   device = jax.devices()[0]
   memory = device.memory_stats() or {}
   return timing, {'backend': jax.default_backend(), 'device_kind': device.device_kind,
                   'device_peak_gib': memory.get('peak_bytes_in_use', 0) / GIB or None,
-                  'jax': jax.__version__}
+                  'step_buffers_gib': _step_buffers_gib(compiled), 'jax': jax.__version__}
+
+
+def _step_buffers_gib(compiled):
+  """Arguments + outputs + temporaries of one step as XLA allocates them (donated aliases once)."""
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+  except (AttributeError, NotImplementedError):
+    return None
+  return total / GIB
 
 
 def _jax_train_step(train, model, config, variables, images, labels, batch):
   import jax  # pylint: disable=g-import-not-at-top
   from bhvit_jax import optim  # pylint: disable=g-import-not-at-top
-  total_steps = 1000
   tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=batch,
-                                             total_steps=total_steps, steps_per_epoch=100)
+                                             total_steps=1000, steps_per_epoch=100)
   reg_in_loss = config.optim.get('reg_placement', 'optimizer') == 'loss'
-  train_step = jax.jit(train.make_train_step(
-      model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
-      reg_in_loss=reg_in_loss), donate_argnums=(0,))
   holder = {'state': train.create_train_state(variables, tx)}
   batch_ = {'image': images, 'label': labels}
   rng = jax.random.PRNGKey(0)
+  compiled = jax.jit(train.make_train_step(
+      model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
+      reg_in_loss=reg_in_loss), donate_argnums=(0,)).lower(holder['state'], batch_, rng).compile()
 
   def step():
-    holder['state'], metrics = train_step(holder['state'], batch_, rng)
+    holder['state'], metrics = compiled(holder['state'], batch_, rng)
     jax.block_until_ready((holder['state'], metrics))
-  return step
+  return step, compiled
 
 
 def _jax_packed_step(model, variables, images):
@@ -208,8 +228,8 @@ def _jax_packed_step(model, variables, images):
   if not hasattr(packed, 'export') or not hasattr(packed, 'apply'):
     raise SkipCase('bhvit_jax.packed has no export/apply inference entry point')
   arrays = packed.arrays(packed.export(model, variables))
-  forward = jax.jit(lambda a, x: packed.apply(model, a, x))
-  return lambda: jax.block_until_ready(forward(arrays, images))
+  compiled = jax.jit(lambda a, x: packed.apply(model, a, x)).lower(arrays, images).compile()
+  return lambda: jax.block_until_ready(compiled(arrays, images)), compiled
 
 
 class SkipCase(Exception):
@@ -356,7 +376,8 @@ def run_case(args) -> dict:
   step_s = median(timing.step_s)
   record.update(machine)
   record.update(images_per_s=args.batch / step_s, step_s=step_s, compile_s=timing.compile_s,
-                step_s_all=timing.step_s, peak_mem_gib=peak_rss_gib())
+                warmup_s=timing.warmup_s, step_s_all=timing.step_s, peak_mem_gib=peak_rss_gib(),
+                glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
   return record
 
 
@@ -378,6 +399,9 @@ def parse_args(argv=None):
   parser.add_argument('--torch-repo', help='checkout of the official BHViT repository')
   parser.add_argument('--threads', type=int, default=os.cpu_count(),
                       help='PyTorch intra-op threads')
+  parser.add_argument('--malloc', choices=('tuned', 'default'), default='tuned',
+                      help="'tuned': run the JAX cases with MALLOC_TUNABLES (PyTorch cases "
+                           "always run in the caller's environment)")
   parser.add_argument('--json', action='store_true', help='one JSON line per case only')
   # Internal: run one case in this process (used by the driver's subprocesses).
   parser.add_argument('--impl', choices=('jax', 'torch'), help=argparse.SUPPRESS)
@@ -405,8 +429,10 @@ def _case_argv(args, impl, mode, weights):
   return argv
 
 
-def _run_subprocess(argv) -> dict:
+def _run_subprocess(argv, tunables: bool) -> dict:
   env = dict(os.environ)
+  if tunables:
+    env['GLIBC_TUNABLES'] = MALLOC_TUNABLES
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
   result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
@@ -423,7 +449,8 @@ def _describe(r: dict) -> str:
   if 'skipped' in r:
     return f'{head}: skipped ({r["skipped"]})'
   return (f"{head}: {r['images_per_s']:7.2f} images/s  step {r['step_s']:.3f} s  "
-          f"compile+warm-up {r['compile_s']:.1f} s  peak RSS {r['peak_mem_gib']:.2f} GiB  "
+          f"compile {r['compile_s']:.1f} s  peak RSS {r['peak_mem_gib']:.2f} GiB  "
+          f"step buffers {r.get('step_buffers_gib') or float('nan'):.2f} GiB  "
           f"(load {r['load_avg']:.1f})")
 
 
@@ -439,7 +466,8 @@ def main(argv=None):
     for mode in args.modes:
       impls = ['torch', 'jax'] if args.torch_repo else ['jax']
       for impl in impls:
-        record = _run_subprocess(_case_argv(args, impl, mode, weights))
+        tunables = args.malloc == 'tuned' and impl == 'jax'
+        record = _run_subprocess(_case_argv(args, impl, mode, weights), tunables)
         records.append(record)
         print(json.dumps(record) if args.json else _describe(record), flush=True)
       if args.torch_repo and not args.json:

@@ -1,0 +1,322 @@
+"""The real entry point survives SIGKILL (even mid-checkpoint) and SIGTERM bitwise, and explains
+every failure as one `error:` line (exit 1 or 2) without touching what is on disk.
+
+Every run is `python -m bhvit_jax.train --config configs/demo.py` with a tiny model. The
+processes share a persistent XLA compilation cache, so only the first one compiles the step.
+"""
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from array_record.python import array_record_module
+from bhvit_jax import checkpoint as ckpt_lib
+from bhvit_jax import config_lib
+from bhvit_jax import data as data_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--config.model.hidden_sizes=(16,32,64,128)', '--config.model.mlp_sizes=(32,64,128,256)',
+        '--config.batch_size=8', '--config.total_steps=12', '--config.checkpoint_every_steps=3',
+        '--config.keep_checkpoints=10', '--config.eval_every_steps=0',
+        '--config.log_every_steps=1', '--config.optim.warmup_steps=2',
+        # Whole grouped convs compile ~25% faster; the tests compare runs of one config.
+        '--config.model.split_groups=False']
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp('xla_cache')
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+          'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])}
+
+
+def _command(workdir, *overrides):
+  key = lambda arg: arg.split('=', 1)[0]
+  tiny = [a for a in TINY if key(a) not in set(map(key, overrides))]
+  return [sys.executable, '-m', 'bhvit_jax.train', '--config', 'configs/demo.py',
+          '--workdir', str(workdir), *tiny, *overrides]
+
+
+def _start(env, workdir, *overrides):
+  return subprocess.Popen(_command(workdir, *overrides), cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _run(env, workdir, *overrides, timeout=600):
+  return subprocess.run(_command(workdir, *overrides), cwd=REPO, env=env, text=True,
+                        capture_output=True, timeout=timeout)
+
+
+def _wait_for(proc, condition, what, timeout=600):
+  deadline = time.time() + timeout
+  while not condition():
+    if proc.poll() is not None:
+      raise AssertionError(f'process ended before {what}:\n{proc.communicate()[1][-3000:]}')
+    if time.time() > deadline:
+      proc.kill()
+      raise AssertionError(f'timed out waiting for {what}')
+    time.sleep(0.005)
+
+
+def _entries(workdir):
+  try:
+    return os.listdir(workdir / 'checkpoints')
+  except FileNotFoundError:
+    return []
+
+
+def _train_records(workdir):
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r['kind'] == 'train']
+
+
+def _max_step(workdir):
+  try:
+    return max((r['step'] for r in _train_records(workdir)), default=0)
+  except (FileNotFoundError, json.JSONDecodeError):  # being rewritten
+    return 0
+
+
+def _by_step(workdir, keys=('loss', 'ce', 'grad_norm', 'lr', 'train_top1', 'finite')):
+  return {r['step']: tuple(r[k] for k in keys) for r in _train_records(workdir)}
+
+
+def _tree_digest(path):
+  """sha256 over every file's relative path and bytes under `path`."""
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(path)):
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(os.path.relpath(full, path).encode())
+      digest.update(pathlib.Path(full).read_bytes())
+  return digest.hexdigest()
+
+
+def _assert_clean_error(result, code, *patterns):
+  assert result.returncode == code, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  for pattern in patterns:
+    assert re.search(pattern, result.stderr), (pattern, result.stderr[-3000:])
+
+
+@pytest.fixture(scope='module')
+def runs(env, tmp_path_factory):
+  """An uninterrupted run, and one SIGKILLed while writing its step-6 checkpoint, copied
+  aside there, restarted, SIGTERMed, and restarted again to the end."""
+  root = tmp_path_factory.mktemp('runs')
+  straight, broken = root / 'straight', root / 'broken'
+  result = _run(env, straight)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  proc = _start(env, broken)
+  writing_6 = lambda: any(e.startswith('6' + TMP_SUFFIX) for e in _entries(broken))
+  _wait_for(proc, writing_6, 'the step-6 checkpoint write')
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  killed_at = sorted(_entries(broken))
+  snapshot = root / 'at_kill'
+  shutil.copytree(broken, snapshot)
+
+  proc = _start(env, broken)
+  # metrics.jsonl still shows the killed run's steps until the restart rewrites it from the
+  # checkpoint's history (steps 1..3). Tiny steps take milliseconds, so the run is paused
+  # once past step 3 to make sure SIGTERM arrives inside the training loop.
+  rewritten = []
+  def resumed_training():
+    step = _max_step(broken)
+    if 0 < step <= 3:
+      rewritten.append(step)
+    return bool(rewritten) and step >= 4
+  _wait_for(proc, resumed_training, 'the restarted run to pass step 3')
+  proc.send_signal(signal.SIGSTOP)
+  assert _max_step(broken) < 12, 'the restarted run finished before it could be signalled'
+  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal.SIGCONT)
+  sigterm_out, sigterm_err = proc.communicate(timeout=300)
+  sigterm = (proc.returncode, sigterm_out, sigterm_err, sorted(_entries(broken)))
+
+  final = _run(env, broken)
+  assert final.returncode == 0, final.stderr[-3000:]
+  return {'straight': straight, 'straight_stdout': result.stdout, 'broken': broken,
+          'killed_at': killed_at,
+          'snapshot': snapshot, 'sigterm': sigterm, 'final': final}
+
+
+def test_sigkill_mid_checkpoint_then_restart_is_bitwise_identical(runs):
+  killed_at = runs['killed_at']
+  assert '3' in killed_at and '6' not in killed_at, killed_at  # 6 was still a temporary dir
+  assert any(e.startswith('6' + TMP_SUFFIX) for e in killed_at), killed_at
+  assert 'Resuming from' in runs['final'].stdout
+  _assert_same_variables(runs['straight'], runs['broken'])
+  # One record per step (log_every_steps=1): the stitched history equals the straight one.
+  history = _by_step(runs['broken'])
+  assert sorted(history) == list(range(1, 13))
+  assert history == _by_step(runs['straight'])
+  top1 = lambda out: re.search(r'held-out top-1: ([\d.]+)%', out).group(1)
+  assert top1(runs['final'].stdout) == top1(runs['straight_stdout'])
+  # The orbax temporary directory of the interrupted write was cleaned up on restart.
+  assert not any(TMP_SUFFIX in e for e in _entries(runs['broken']))
+
+
+def _assert_same_variables(workdir_a, workdir_b):
+  """The newest checkpoints' params, batch statistics and quantizer flags are bitwise equal."""
+  a = _flatten(ckpt_lib.load_variables(str(workdir_a)))
+  b = _flatten(ckpt_lib.load_variables(str(workdir_b)))
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _flatten(tree, prefix=''):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}/'))
+    else:
+      out[f'{prefix}{key}'] = np.asarray(value)
+  return out
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(runs):
+  code, out, err, entries = runs['sigterm']
+  assert code == 0, err[-3000:]
+  match = re.search(r'stopped at step (\d+); checkpoint saved, rerun the same command', out)
+  assert match, out
+  assert 4 <= int(match.group(1)) <= 12 and match.group(1) in entries, (match.group(1), entries)
+  assert 'Resuming from' in out and 'at step 3' in out  # the run it resumed from
+
+
+def test_same_seed_gives_the_same_first_steps_in_two_fresh_runs(runs):
+  # The metrics the killed run wrote before SIGKILL (steps 1..6 at least) come from a second
+  # fresh process with the same config and seed.
+  fresh = _by_step(runs['snapshot'])
+  straight = _by_step(runs['straight'])
+  assert len(fresh) >= 6 and fresh == {step: straight[step] for step in fresh}
+
+
+def test_nonfinite_streak_stops_naming_step_and_last_good_checkpoint(env, runs, tmp_path):
+  # Resume the copy taken at the kill (newest complete checkpoint: 3) with a zero std, which
+  # makes every image non-finite: the real model's steps 4 and 5 are skipped, then it stops.
+  workdir = tmp_path / 'nan'
+  shutil.copytree(runs['snapshot'], workdir)
+  before = _tree_digest(workdir / 'checkpoints' / '3')
+  result = _run(env, workdir, '--config.data.std=(0.,0.,0.)', '--config.max_nonfinite_in_row=2')
+  _assert_clean_error(result, 1, r'error: stopping at step 4: 2 consecutive steps with '
+                      r'non-finite', r'Last good checkpoint: \S*checkpoints/3\b')
+  records = _train_records(workdir)
+  assert [(r['step'], r['finite'], r['nonfinite_total']) for r in records[-2:]] == [
+      (4, 0.0, 1), (5, 0.0, 2)]
+  assert _tree_digest(workdir / 'checkpoints' / '3') == before
+  assert sorted(e for e in _entries(workdir) if TMP_SUFFIX not in e) == ['3']
+  # With the data fixed, the rerun resumes from step 3 and ends as if nothing had happened.
+  rerun = _run(env, workdir)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  _assert_same_variables(runs['straight'], workdir)
+  assert _by_step(workdir) == _by_step(runs['straight'])
+
+
+def test_mistyped_config_key_is_named_with_a_suggestion(env, tmp_path):
+  result = _run(env, tmp_path / 'w', '--config.optim.base_lrr=1', '--config.modle.depths=(1,)')
+  _assert_clean_error(result, 2, r'unknown config key config\.optim\.base_lrr \(did you mean '
+                      r'config\.optim\.base_lr\?\)', r'config\.modle\.depths \(did you mean '
+                      r'config\.model\.depths')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_invalid_model_and_data_values_are_all_listed(env, tmp_path):
+  missing = tmp_path / 'no_such_dir'
+  result = _run(env, tmp_path / 'w', '--config.model.mlp_sizes=(24,64,128,256)',
+                '--config.model.num_heads=(1,1,3,4)', '--config.model.window_size=3',
+                '--config.data.name=imagefolder', f'--config.data.data_dir={missing}')
+  _assert_clean_error(
+      result, 2, r'mlp_sizes\[0\]=24 is not an integer multiple of hidden_sizes\[0\]=16',
+      r'num_heads\[2\]=3 does not divide hidden_sizes\[2\]=64',
+      r'stage-3/4 grids 2 and 1 must be divisible by window_size=3',
+      re.escape(str(missing)) + r"' does not exist")
+  assert not (tmp_path / 'w').exists()
+
+
+def test_checkpoint_of_another_model_is_refused_and_left_untouched(env, runs, tmp_path):
+  workdir = tmp_path / 'other'
+  shutil.copytree(runs['snapshot'], workdir)
+  result = _run(env, workdir, '--config.model.mlp_sizes=(64,128,256,512)')
+  _assert_clean_error(result, 2, r'does not match the current model', r'Nothing on disk')
+  # Every MLP doubles: the normalization over the last block's hidden units grows 2x.
+  match = re.search(r'batch_stats/layerB_1/intermediate/norm/var: checkpoint \((\d+),\) vs '
+                    r'model \((\d+),\)', result.stderr)
+  assert match and 2 * int(match.group(1)) == int(match.group(2)), result.stderr
+  # Orbax drops the interrupted step-6 temporary directory; checkpoint 3 is byte-identical.
+  assert sorted(e for e in _entries(workdir) if TMP_SUFFIX not in e) == ['3']
+  assert (_tree_digest(workdir / 'checkpoints' / '3')
+          == _tree_digest(runs['snapshot'] / 'checkpoints' / '3'))
+
+
+def test_torch_file_that_is_not_a_bhvit_state_dict(env, tmp_path):
+  torch = pytest.importorskip('torch')
+  path = tmp_path / 'resnet.pth'
+  torch.save({'conv1.weight': torch.zeros(4, 3, 3, 3), 'fc.bias': torch.zeros(10)}, path)
+  result = _run(env, tmp_path / 'w', f'--config.init_from={path}')
+  _assert_clean_error(result, 2, r'does not match this BHViT configuration',
+                      r'not in model \(2\)', r'conv1\.weight', r'missing in checkpoint')
+
+
+def _imagefolder(tmp_path, records):
+  writer = array_record_module.ArrayRecordWriter(
+      str(tmp_path / 'train.array_record-00000-of-00001'), 'group_size:1')
+  for record in records:
+    writer.write(record)
+  writer.close()
+  (tmp_path / 'labels.json').write_text(json.dumps(['a', 'b', 'c']))
+  config = _demo_config()
+  config.data.update(name='imagefolder', data_dir=str(tmp_path), image_size=8,
+                     min_crop_scale=1.0)
+  config.batch_size = 2
+  return config
+
+
+def _demo_config():
+  return config_lib.load_config_file(str(REPO / 'configs' / 'demo.py'))
+
+
+def test_corrupt_image_is_skipped_with_a_count_or_fails_by_config(tmp_path):
+  png = io.BytesIO()
+  Image.new('RGB', (8, 8), (255, 0, 0)).save(png, format='PNG')
+  config = _imagefolder(tmp_path, [data_lib.encode_record(png.getvalue(), 1),
+                                   data_lib.encode_record(b'\x89PNG truncated', 2)])
+  config.data.on_corrupt = 'fail'
+  # An epoch is one batch holding both records.
+  with pytest.raises(data_lib.CorruptRecordError,
+                     match=r"record 1 of 'train'.*not a readable image.*on_corrupt='skip'"):
+    next(data_lib.build_train_iter(config, process_index=0, process_count=1))
+  config.data.on_corrupt = 'skip'
+  skipped = data_lib.corrupt_records_skipped()
+  batch = next(data_lib.build_train_iter(config, process_index=0, process_count=1))
+  # The corrupt record 1 is replaced by the next readable one (record 0, wrapping around).
+  np.testing.assert_array_equal(batch['label'], [1, 1])
+  # Loader threads prefetch later batches too, each skipping the record once more.
+  assert data_lib.corrupt_records_skipped() > skipped
+
+
+def test_dotted_key_suggestions_cover_nested_keys():
+  config = _demo_config()
+  config_lib.check_keys(config, ['optim.base_lr', 'model', 'loss.teacher.kind'])
+  with pytest.raises(config_lib.ConfigError, match=r'config\.loss\.teacher\.kind\?'):
+    config_lib.check_keys(config, ['loss.teacher.knd'])
+  with pytest.raises(config_lib.ConfigError, match=r'unknown config key config\.zzz$'):
+    config_lib.check_keys(config, ['zzz'])
+  with pytest.raises(config_lib.ConfigError, match=r'^config\.model\.depths is given 2 times$'):
+    config_lib.check_keys(config, ['model.depths', 'seed', 'model.depths'])
