@@ -134,8 +134,8 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_variables(directory: str) -> dict:
-  """{'params', 'batch_stats', 'quant_state'} of the newest checkpoint under `directory`.
+def load_variables(directory: str, step: Optional[int] = None) -> dict:
+  """{'params', 'batch_stats', 'quant_state'} of checkpoint `step` (default: the newest).
 
   `directory` is a checkpoint directory or a training workdir containing `checkpoints/`.
   """
@@ -143,9 +143,10 @@ def load_variables(directory: str) -> dict:
     directory = os.path.join(directory, 'checkpoints')
   manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_item_handlers(),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no orbax checkpoint found in {directory}')
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f'no orbax checkpoint {"" if step is None else step} found in '
+                            f'{directory}')
   stored = manager.item_metadata(step)['state']
   stored = stored.tree if hasattr(stored, 'tree') else stored
   # Host arrays as the restore target: the devices (or processes) that saved the checkpoint
