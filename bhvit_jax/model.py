@@ -217,8 +217,10 @@ class LSQAttentionQuantizer(nn.Module):
       # Only quantizers that were never calibrated take the batch's values, as in the reference.
       fresh = init_state.value[0] == 0
       new_alpha, new_zero = quantizers.lsq_calibrate(x, zero_point)
-      alpha = jnp.where(fresh, new_alpha, alpha)
-      zero_point = jnp.where(fresh, new_zero, zero_point)
+      # The reference overwrites the parameters' values: gradients still reach them.
+      alpha = jnp.where(fresh, alpha + jax.lax.stop_gradient(new_alpha - alpha), alpha)
+      zero_point = jnp.where(fresh, zero_point + jax.lax.stop_gradient(new_zero - zero_point),
+                             zero_point)
       self.sow('calibration', 'alpha', alpha)
       self.sow('calibration', 'zero_point', zero_point)
       init_state.value = jnp.ones_like(init_state.value)

@@ -85,8 +85,9 @@ class Fixture:
 
 def _train_loss(model, variables, images, labels):
   def loss_fn(params):
+    # As the reference's train forward: a quantizer whose flag is still 0 calibrates first.
     logits, updates = model.apply({**variables, 'params': params}, images, train=True,
-                                  mutable=['batch_stats'])
+                                  calibrate=True, mutable=['batch_stats', 'quant_state'])
     return losses.cross_entropy(logits, labels), (logits, updates)
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
 
