@@ -192,7 +192,6 @@ def _recipe(fixture_data):
 
 def _state_report(state, fx, steps, lr):
   """Parameters and BatchNorm buffers after the update against `after_step0/*`."""
-  from bhvit_jax import train  # pylint: disable=g-import-not-at-top
   mine = convert.flax_to_torch({'params': state.params, 'batch_stats': state.batch_stats})
   f64_ref = any(k.startswith('f64/after_step0/') for k in steps.files)
   ref = prefixed(steps, 'f64/after_step0/' if (fx.x64 and f64_ref) else 'after_step0/')
@@ -208,7 +207,6 @@ def _state_report(state, fx, steps, lr):
       # Against a float32 reference, Adam's first step (|update| <= lr per element) turns
       # float32 rounding of near-cancelling gradients into differences of up to 2·lr.
       ok &= float(np.max(np.abs(mine[name] - value))) <= 2 * lr
-  del train
   values = np.array(list(rels.values()))
   return {'median_rel': float(np.median(values)), 'max_rel': float(values.max()),
           'frac_rel_over_1e-6': float(np.mean(values > STATE_REL)),
