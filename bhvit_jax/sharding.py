@@ -176,15 +176,6 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def mesh_from_config(config) -> Optional[Mesh]:
-  """config.mesh as a Mesh, or None on a single device with no mesh asked for."""
-  mesh_config = config.get('mesh') or {}
-  asked = int(mesh_config.get('data', -1)) != -1 or int(mesh_config.get('fsdp', 1) or 1) != 1
-  if jax.device_count() == 1 and not asked:
-    return None
-  return make_mesh(mesh_config)
-
-
 def jit_train_step(train_step, mesh: Mesh, state_shardings: PyTree,
                    teacher_shardings: PyTree = None):
   """`train.make_train_step`'s function jitted for `mesh`, the state donated.
