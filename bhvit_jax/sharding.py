@@ -9,7 +9,7 @@ arrays with `jax.make_array_from_process_local_data`.
 """
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
