@@ -38,9 +38,9 @@ class BlockSpec:
   dtype: Any
 
 
-def _dense(spec, features, name):
+def _dense(spec, features, name, channel_axes=1):
   return BinaryDense(features, spec.weight_bits, spec.input_bits, spec.recu, name=name,
-                     dtype=spec.dtype)
+                     channel_axes=channel_axes, dtype=spec.dtype)
 
 
 class TokenMixer(nn.Module):
@@ -66,7 +66,8 @@ class Projection(nn.Module):
   """`RPReLU(norm(binary_linear(x + move)) + residual(x))`, the reference's binary linear unit.
 
   `residual` repeats x along channels when widening and averages runs of channels when
-  narrowing (the MLP's shortcuts); equal widths add x itself.
+  narrowing (the MLP's shortcuts); equal widths add x itself. The wide side is computed as a
+  `[..., k, C]` view (see `layers.channel_param`); parameters and results keep the flat layout.
   """
   spec: BlockSpec
   features: int
@@ -75,24 +76,38 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     """`[..., C]` -> `[..., features]`."""
-    c = x.shape[-1]
-    move = self.param('move', nn.initializers.zeros, (c,)).astype(x.dtype)
-    y = _dense(self.spec, self.features, 'dense')(x + move)
-    y = TokenNorm(self.spec.norm, name='norm')(y, train) + _match_width(x, self.features)
-    y = RPReLU(name='rprelu')(y)
+    c, f = x.shape[-1], self.features
+    lead = x.shape[:-1]
+    in_view = c > f and c % f == 0 and f % (c // f) == 0
+    xv = x.reshape(lead + (c // f, f)) if in_view else x
+    in_axes = 2 if in_view else 1
+    move = layers.channel_param(self, 'move', nn.initializers.zeros, xv, in_axes)
+    y = _dense(self.spec, f, 'dense', in_axes)(xv + move)
+    if f > c:
+      y, residual, out_axes = y.reshape(lead + (f // c, c)), x[..., None, :], 2
+    elif in_view:
+      k = c // f
+      runs = xv.reshape(lead + (k, f // k, k))
+      # Inference sums strided slices, which XLA's CPU backend keeps out of the next matmul's
+      # fusion (a reduction fused there is ~4x slower); training reduces, because a slice's
+      # gradient is a padded copy per slice while a reduction's is one broadcast.
+      runs = jnp.mean(runs, axis=-1) if train else sum(runs[..., j] for j in range(k)) / k
+      residual, out_axes = runs.reshape(lead + (f,)), 1
+    else:
+      residual, out_axes = _mean_runs(x, f), 1
+    y = TokenNorm(self.spec.norm, name='norm', channel_axes=out_axes)(y, train) + residual
+    y = RPReLU(name='rprelu', channel_axes=out_axes)(y)
     if self.layerscale:
-      y = LayerScale(name='layerscale')(y)
-    return y
+      y = LayerScale(name='layerscale', channel_axes=out_axes)(y)
+    return y.reshape(lead + (f,))
 
 
-def _match_width(x, features):
+def _mean_runs(x, features):
+  """x itself for equal widths; otherwise the mean of each run of `C/features` channels."""
   c = x.shape[-1]
   if features == c:
     return x
-  if features % c == 0:
-    return jnp.tile(x, (1,) * (x.ndim - 1) + (features // c,))
-  ratio = c // features
-  return jnp.mean(x.reshape(x.shape[:-1] + (features, ratio)), axis=-1)
+  return jnp.mean(x.reshape(x.shape[:-1] + (features, c // features)), axis=-1)
 
 
 def window_partition(x, w):
@@ -302,9 +317,13 @@ class Downsample(nn.Module):
       return TokenNorm(s.norm, name='norm')(conv(n), train) + pos.astype(n.dtype)
     move = self.param('move', nn.initializers.zeros, (c,)).astype(n.dtype)
     residual = nn.avg_pool(n, (2, 2), strides=(2, 2))
-    y = TokenNorm(s.norm, name='norm')(conv(n + move), train)
-    y = RPReLU(name='rprelu')(y + _match_width(residual, self.features))
-    return y + pos.astype(y.dtype)
+    y = conv(n + move)
+    # The tiled residual is added in the `[..., k, C]` view (see `layers.channel_param`).
+    view = y.shape[:-1] + (self.features // c, c)
+    y = TokenNorm(s.norm, name='norm', channel_axes=2)(y.reshape(view), train)
+    y = RPReLU(name='rprelu', channel_axes=2)(y + residual[..., None, :])
+    return (y + pos.reshape(pos.shape[:-1] + view[-2:]).astype(y.dtype)).reshape(
+        y.shape[:-2] + (self.features,))
 
 
 class Embeddings(nn.Module):

@@ -59,7 +59,7 @@ def is_binary_kernel(path, weight_bits: int, some_fp: bool) -> bool:
 def _mac_record(module, x, out) -> OpRecord:
   binary = module.weight_bits == 1 and module.input_bits == 1
   if isinstance(module, layers.BinaryDense):
-    op, fan_in = 'dense', x.shape[-1]
+    op, fan_in = 'dense', int(np.prod(x.shape[x.ndim - module.channel_axes:]))
   else:
     op, fan_in = 'conv', module.kernel_size ** 2 * (x.shape[-1] // module.groups)
   macs = int(np.prod(out.shape)) * fan_in

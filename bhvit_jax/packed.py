@@ -91,7 +91,7 @@ def im2col(x, k: int, stride: int, dilation: int, padding: int, groups: int):
 def _binary_layer(module, x, entry):
   """Packed replacement of a BinaryDense / BinaryConv call; `x` is its (unsigned) input."""
   if isinstance(module, layers.BinaryDense):
-    cols, groups = x[..., None, :], 1
+    cols, groups = x.reshape(x.shape[:x.ndim - module.channel_axes] + (1, -1)), 1
   else:
     groups = module.groups
     cols = im2col(x, module.kernel_size, module.stride, module.dilation, module.padding, groups)
@@ -127,7 +127,9 @@ def _interceptor(packed):
         entry, x = norms[key], args[0]
         if not entry:
           return x
-        return x * entry['scale'].astype(x.dtype) + entry['shift'].astype(x.dtype)
+        shape = x.shape[x.ndim - module.channel_axes:]
+        affine = [entry[k].reshape(shape).astype(x.dtype) for k in ('scale', 'shift')]
+        return x * affine[0] + affine[1]
     return next_fun(*args, **kwargs)
 
   return intercept

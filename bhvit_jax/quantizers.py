@@ -5,6 +5,7 @@ Every function keeps the dtype of its input and works under `jit`, `grad`, `vmap
 `jax.custom_vjp`; the formulas follow SPEC.md §2 exactly (inclusive clip masks, gradients of the
 weight straight-through estimator *not* multiplied by the scale, α floored at 1e-5).
 """
+import functools
 import math
 
 import jax
@@ -24,10 +25,14 @@ def _sign_ste_fwd(x):
   return jnp.sign(x), x
 
 
-def _sign_ste_bwd(x, g):
+def _approx_sign_grad(x, g):
   slope = jnp.where((x >= -1) & (x <= 0), 2 + 2 * x, 0)
   slope = jnp.where((x > 0) & (x <= 1), 2 - 2 * x, slope)
-  return (g * slope.astype(g.dtype),)
+  return g * slope.astype(g.dtype)
+
+
+def _sign_ste_bwd(x, g):
+  return (_approx_sign_grad(x, g),)
 
 
 sign_ste.defvjp(_sign_ste_fwd, _sign_ste_bwd)
@@ -71,6 +76,19 @@ def _scaled_sign_bwd(res, g):
 _scaled_sign_clip_grad.defvjp(_scaled_sign_fwd, _scaled_sign_bwd)
 
 
+def _weight_parts(w, recu):
+  """`(latent, scale, bound)`: the kernel whose sign is used, s_o, and the STE clip bound."""
+  axes = tuple(range(w.ndim - 1))
+  scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(w), axis=axes, keepdims=True))
+  centred = w - jnp.mean(w, axis=axes, keepdims=True)
+  if not recu:
+    return centred, scale, jnp.ones((), w.dtype)
+  std = jnp.sqrt(jnp.var(centred, axis=axes, ddof=1, keepdims=True) + 1e-5)
+  normalized = centred / (std / (2 * math.sqrt(2)))
+  tau = jax.lax.stop_gradient(-jnp.mean(jnp.abs(normalized)) * math.log(2 - 2 * 0.92))
+  return normalized, scale, tau
+
+
 def binarize_weight(w, recu=False):
   """Binarizes a kernel per output channel (the last axis), SPEC §2.
 
@@ -80,15 +98,82 @@ def binarize_weight(w, recu=False):
   Returns:
     `s_o * sign(Wc)` with the straight-through gradient through the clip and the centring.
   """
-  axes = tuple(range(w.ndim - 1))
-  scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(w), axis=axes, keepdims=True))
-  centred = w - jnp.mean(w, axis=axes, keepdims=True)
-  if not recu:
-    return _scaled_sign_clip_grad(centred, scale, jnp.ones((), w.dtype))
-  std = jnp.sqrt(jnp.var(centred, axis=axes, ddof=1, keepdims=True) + 1e-5)
-  normalized = centred / (std / (2 * math.sqrt(2)))
-  tau = jax.lax.stop_gradient(-jnp.mean(jnp.abs(normalized)) * math.log(2 - 2 * 0.92))
-  return _scaled_sign_clip_grad(normalized, scale, tau)
+  return _scaled_sign_clip_grad(*_weight_parts(w, recu))
+
+
+def _contract(a, b, preferred_element_type=None):
+  """`a [..., *K] · b [*K, O] -> [..., O]`, contracting b's leading axes."""
+  n = b.ndim - 1
+  dims = ((tuple(range(a.ndim - n, a.ndim)), tuple(range(n))), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=preferred_element_type)
+
+
+def _sign_contract(a, b):
+  """`_contract` of operands in {-1, 0, 1}: bfloat16 holds them exactly and the float32
+  accumulation of integers is exact, so this equals the float32 product at half the traffic."""
+  if a.dtype in (jnp.float32, jnp.bfloat16):
+    out = _contract(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), jnp.float32)
+    return out.astype(a.dtype)
+  return _contract(a, b.astype(a.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _binary_matmul(x, latent, scale, bound, sign_input):
+  w_sign = jnp.sign(latent)
+  if sign_input:
+    y = _sign_contract(jnp.sign(x), w_sign)
+  else:
+    y = _contract(x, w_sign.astype(x.dtype))
+  return y * scale.reshape(-1).astype(y.dtype)
+
+
+def _binary_matmul_fwd(x, latent, scale, bound, sign_input):
+  return _binary_matmul(x, latent, scale, bound, sign_input), (x, latent, scale, bound)
+
+
+def _binary_matmul_bwd(sign_input, res, g):
+  x, latent, scale, bound = res
+  n = latent.ndim - 1
+  gs = g * scale.reshape(-1).astype(g.dtype)
+  gx = jax.lax.dot_general(gs, jnp.sign(latent).astype(g.dtype), (((g.ndim - 1,), (n,)), ((), ())))
+  if sign_input:
+    gx = _approx_sign_grad(x, gx)
+  wide = jnp.promote_types(g.dtype, latent.dtype)
+  a = (jnp.sign(x) if sign_input else x).astype(wide).reshape(-1, math.prod(latent.shape[:-1]))
+  g = g.astype(wide).reshape(-1, latent.shape[-1])
+  mask = (jnp.abs(latent) <= bound).astype(wide).reshape(a.shape[1], g.shape[1])
+  return (gx, _weight_grad(a, g, mask).reshape(latent.shape).astype(latent.dtype),
+          jnp.zeros_like(scale), jnp.zeros_like(bound))
+
+
+def _weight_grad(a, g, mask):
+  """`(aᵀ g) ⊙ mask` for a `[N, K]`, g `[N, O]`.
+
+  XLA's CPU matmul wants the product's shorter side first: the other orientation makes it
+  transpose the wide operand in memory (2-5x slower on the wide MLP activations). The barrier
+  keeps the small transpose back from being folded into the product.
+  """
+  if a.shape[1] <= g.shape[1]:
+    return jnp.dot(a.T, g) * mask
+  return jax.lax.optimization_barrier(jnp.dot(g.T, a) * mask.T).T
+
+
+_binary_matmul.defvjp(_binary_matmul_fwd, _binary_matmul_bwd)
+
+
+def binary_matmul(x, w, input_bits, weight_bits, recu=False):
+  """`maybe_sign(x) · maybe_binarize_weight(w)`: x `[..., *K]`, kernel w `[*K, O]`.
+
+  With 1-bit weights the product is computed as `(x' · sign(Wc))·s_o` in one custom gradient,
+  which saves only x and keeps both sign tensors out of memory; the gradients are those of
+  the composed quantizers (approx-sign for x, unscaled clipped STE for w). The binarization
+  statistics (s_o, centring, ReCU) are over all of the kernel's fan-in axes.
+  """
+  if weight_bits != 1:
+    return _contract(maybe_sign(x, input_bits), w.astype(x.dtype))
+  shape = w.shape
+  latent, scale, bound = _weight_parts(w.reshape(-1, shape[-1]), recu)
+  return _binary_matmul(x, latent.reshape(shape), scale, bound, input_bits == 1)
 
 
 def maybe_binarize_weight(w, bits, recu=False):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bhvit_jax import layers
+from bhvit_jax import quantizers
 from bhvit_jax import model as model_lib
 
 SMALL = dict(hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
@@ -143,3 +144,79 @@ def test_bfloat16_compute_runs_on_cpu():
   # bfloat16 keeps ~3 significant digits; its outputs must still track the float32 ones.
   corr = np.corrcoef(np.asarray(out['eval'], np.float32).ravel(), reference.ravel())[0, 1]
   assert corr > 0.95
+
+
+@pytest.mark.parametrize('input_bits,recu,view', [(1, False, False), (1, True, True),
+                                                  (32, False, True)])
+def test_binary_matmul_matches_composed_quantizers(x64, input_bits, recu, view):
+  # The fused product (bfloat16 sign operands in float32, one custom gradient) must equal
+  # sign_ste(x) @ binarize_weight(w), forward and backward; float64 compares exactly.
+  rng = np.random.RandomState(5)
+  x = jnp.asarray(rng.randn(3, 5, 24) * 0.7)
+  w = jnp.asarray(rng.randn(24, 6))
+  cot = jnp.asarray(rng.randn(3, 5, 6))
+  xin = x.reshape(3, 5, 4, 6) if view else x
+  win = w.reshape(4, 6, 6) if view else w
+
+  def fused(xin, win):
+    return jnp.sum(quantizers.binary_matmul(xin, win, input_bits, 1, recu) * cot)
+
+  def composed(x, w):
+    return jnp.sum(quantizers.maybe_sign(x, input_bits) @ quantizers.binarize_weight(w, recu)
+                   * cot)
+
+  got = jax.value_and_grad(fused, argnums=(0, 1))(xin, win)
+  want = jax.value_and_grad(composed, argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(got[1][0]).reshape(x.shape), want[1][0], rtol=1e-12,
+                             atol=1e-12)
+  np.testing.assert_allclose(np.asarray(got[1][1]).reshape(w.shape), want[1][1], rtol=1e-12,
+                             atol=1e-12)
+  assert float(jnp.abs(want[1][1]).sum()) > 0 and float(jnp.abs(want[1][0]).sum()) > 0
+
+
+def test_binary_matmul_float32_matches_float64():
+  rng = np.random.RandomState(6)
+  x, w = rng.randn(64, 512), rng.randn(512, 64)
+  got = quantizers.binary_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), 1, 1)
+  wc = w - w.mean(0)
+  want = np.sign(x) @ (np.sign(wc) * np.abs(w).mean(0))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('c,features', [(8, 32), (32, 8), (24, 8), (12, 96), (96, 12)])
+def test_projection_views_match_flat_formula(x64, c, features):
+  # Widening (tile residual) and narrowing (run means) computed in [..., k, C] views must equal
+  # the flat formula, incl. widths whose runs do not fit the view (96 -> 12: 12 % 8 != 0).
+  rng = np.random.RandomState(7)
+  x = jnp.asarray(rng.randn(2, 3, 3, c))
+  proj = model_lib.Projection(_spec(), features, layerscale=True)
+  variables = proj.init(jax.random.PRNGKey(0), x, True)
+  params = jax.tree.map(lambda v: v + jnp.asarray(rng.randn(*v.shape)) * 0.3,
+                        variables['params'])
+
+  def flat(params, x, train=True):
+    p = params
+    y = quantizers.sign_ste(x + p['move']) @ quantizers.binarize_weight(p['dense']['kernel'])
+    mean, var = (y.mean((0, 1, 2)), y.var((0, 1, 2))) if train else (0.0, 1.0)
+    y = (y - mean) / jnp.sqrt(var + 1e-5) * p['norm']['scale'] + p['norm']['bias']
+    if features > c:
+      residual = jnp.tile(x, (1, 1, 1, features // c))
+    else:
+      residual = x.reshape(x.shape[:-1] + (features, c // features)).mean(-1)
+    y = y + residual - p['rprelu']['move1']
+    y = jnp.where(y >= 0, y, p['rprelu']['prelu'] * y) + p['rprelu']['move2']
+    return y * p['layerscale']['alpha'] + p['layerscale']['move']
+
+  def views(params, x):
+    return proj.apply({**variables, 'params': params}, x, True, mutable=['batch_stats'])[0]
+
+  cot = jnp.asarray(rng.randn(2, 3, 3, features))
+  got = jax.value_and_grad(lambda p, x: jnp.sum(views(p, x) * cot), argnums=(0, 1))(params, x)
+  want = jax.value_and_grad(lambda p, x: jnp.sum(flat(p, x) * cot), argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+  _assert_trees_close(got[1][0], want[1][0])
+  np.testing.assert_allclose(got[1][1], want[1][1], rtol=1e-10, atol=1e-12)
+  # Eval mode (strided run sums; fresh running statistics are mean 0, variance 1) too.
+  ev = proj.apply({**variables, 'params': params}, x, False)
+  np.testing.assert_allclose(ev, flat(params, x, train=False), rtol=1e-10, atol=1e-12)
