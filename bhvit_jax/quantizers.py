@@ -108,23 +108,20 @@ def _contract(a, b, preferred_element_type=None):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=preferred_element_type)
 
 
-def _sign_contract(a, b):
-  """`_contract` of operands in {-1, 0, 1}: bfloat16 holds them exactly and the float32
-  accumulation of integers is exact, so this equals the float32 product at half the traffic."""
-  if a.dtype in (jnp.float32, jnp.bfloat16):
-    out = _contract(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), jnp.float32)
-    return out.astype(a.dtype)
-  return _contract(a, b.astype(a.dtype))
+def _sign_operand(x):
+  """sign(x) as a matmul operand: bfloat16 holds {-1, 0, 1} exactly, and float32 accumulation
+  of such products is exact, so float32 models multiply signs at half the memory traffic."""
+  return jnp.sign(x).astype(jnp.bfloat16 if x.dtype in (jnp.float32, jnp.bfloat16) else x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _binary_matmul(x, latent, scale, bound, sign_input):
-  w_sign = jnp.sign(latent)
   if sign_input:
-    y = _sign_contract(jnp.sign(x), w_sign)
+    a = _sign_operand(x)
+    y = _contract(a, jnp.sign(latent).astype(a.dtype), jnp.promote_types(x.dtype, jnp.float32))
   else:
-    y = _contract(x, w_sign.astype(x.dtype))
-  return y * scale.reshape(-1).astype(y.dtype)
+    y = _contract(x, jnp.sign(latent).astype(x.dtype))
+  return y.astype(x.dtype) * scale.reshape(-1).astype(x.dtype)
 
 
 def _binary_matmul_fwd(x, latent, scale, bound, sign_input):
@@ -139,7 +136,9 @@ def _binary_matmul_bwd(sign_input, res, g):
   if sign_input:
     gx = _approx_sign_grad(x, gx)
   wide = jnp.promote_types(g.dtype, latent.dtype)
-  a = (jnp.sign(x) if sign_input else x).astype(wide).reshape(-1, math.prod(latent.shape[:-1]))
+  # The same sign operand as the forward pass, so XLA materializes it once.
+  a = (_sign_operand(x) if sign_input else x).astype(wide)
+  a = a.reshape(-1, math.prod(latent.shape[:-1]))
   g = g.astype(wide).reshape(-1, latent.shape[-1])
   mask = (jnp.abs(latent) <= bound).astype(wide).reshape(a.shape[1], g.shape[1])
   return (gx, _weight_grad(a, g, mask).reshape(latent.shape).astype(latent.dtype),

@@ -7,6 +7,7 @@ WORKDIR/tb and WORKDIR/training.png.
 
 Reusable pieces: `create_train_state`, `make_train_step`, `make_eval_step`, `evaluate`.
 """
+import ctypes
 import functools
 import importlib.util
 import itertools
@@ -383,6 +384,19 @@ def _calibrate(model, state: TrainState, images) -> TrainState:
   return state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
 
 
+def release_host_memory():
+  """Hands memory freed on the C heap back to the operating system.
+
+  Compiling the train step leaves ~1.5 GiB freed but resident in glibc's heap, where the
+  step's large buffers cannot reuse it; trimming once after the compile lowers the training
+  process's peak by that much. A no-op where `malloc_trim` does not exist.
+  """
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def _nonfinite_error(step, in_row, limit, checkpoints) -> NonFiniteError:
   last = checkpoints.latest_step()
   where = os.path.join(checkpoints.directory, str(last)) if last is not None else 'none'
@@ -475,6 +489,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
     for step in range(start_step, total_steps):
       batch = put_batch(next(batches))
       state, metrics = train_step(state, batch, step_rng, teacher_variables)
+      if step == start_step:
+        release_host_memory()  # after the first call, which compiled the step
       interval.append(metrics)
       done = step + 1
       in_row = int(metrics['nonfinite_in_row'])

@@ -5,7 +5,9 @@ r"""Training and inference throughput and peak memory of bhvit_jax, optionally b
   python tools/benchmark.py --config configs/bhvit_tiny.py --set model.split_groups=False
 
 Every case (implementation × mode) runs in its own subprocess, so the peak RSS
-(`resource.getrusage` high-water mark) belongs to that case alone. A case compiles and runs
+(`resource.getrusage` high-water mark, `peak_mem_gib`, compilation included) belongs to that
+case alone; `steps_peak_mem_gib` is the high-water mark of the timed steps only (Linux), after
+the heap is trimmed as the training loop does after compiling. A case compiles and runs
 one warm-up step (`compile_s`, `warmup_s`: not timed), then times `--repeats` steps and reports
 the median as images/s. Cases run one after the other in the same invocation, so JAX and
 PyTorch numbers share the machine's load (`load_avg` is recorded before each case).
@@ -127,6 +129,28 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def reset_peak_rss() -> bool:
+  """Restarts the process's RSS high-water mark (Linux), so later peaks exclude compilation."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def steps_peak_rss_gib():
+  """RSS high-water mark since `reset_peak_rss` (VmHWM), or None off Linux."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 2 ** 20
+  except OSError:
+    pass
+  return None
+
+
 def median(values):
   values = sorted(values)
   mid = len(values) // 2
@@ -180,11 +204,14 @@ def jax_case(config, mode: str, batch: int, repeats: int, weights: str, compute_
   else:
     step, compiled = _jax_packed_step(model, variables, images)
   compile_s = time.perf_counter() - start
+  train.release_host_memory()  # as the training loop does after its first step
+  reset = reset_peak_rss()
   timing = time_steps(step, repeats)
   timing.compile_s = compile_s
   device = jax.devices()[0]
   memory = device.memory_stats() or {}
-  return timing, {'backend': jax.default_backend(), 'device_kind': device.device_kind,
+  return timing, {'steps_peak_mem_gib': steps_peak_rss_gib() if reset else None,
+                  'backend': jax.default_backend(), 'device_kind': device.device_kind,
                   'device_peak_gib': memory.get('peak_bytes_in_use', 0) / GIB or None,
                   'step_buffers_gib': _step_buffers_gib(compiled), 'jax': jax.__version__}
 
@@ -344,8 +371,10 @@ def torch_case(config, mode: str, batch: int, repeats: int, repo: str, threads: 
     def step():
       with torch.inference_mode():
         model(images)
+  reset = reset_peak_rss()
   timing = time_steps(step, repeats)
-  return timing, {'backend': 'cpu', 'device_kind': 'cpu', 'device_peak_gib': None,
+  return timing, {'steps_peak_mem_gib': steps_peak_rss_gib() if reset else None,
+                  'backend': 'cpu', 'device_kind': 'cpu', 'device_peak_gib': None,
                   'torch': torch.__version__, 'torch_threads': torch.get_num_threads()}
 
 
@@ -449,7 +478,8 @@ def _describe(r: dict) -> str:
   if 'skipped' in r:
     return f'{head}: skipped ({r["skipped"]})'
   return (f"{head}: {r['images_per_s']:7.2f} images/s  step {r['step_s']:.3f} s  "
-          f"compile {r['compile_s']:.1f} s  peak RSS {r['peak_mem_gib']:.2f} GiB  "
+          f"compile {r['compile_s']:.1f} s  peak RSS {r['peak_mem_gib']:.2f} GiB "
+          f"(steps {r.get('steps_peak_mem_gib') or float('nan'):.2f})  "
           f"step buffers {r.get('step_buffers_gib') or float('nan'):.2f} GiB  "
           f"(load {r['load_avg']:.1f})")
 
