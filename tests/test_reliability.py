@@ -33,6 +33,9 @@ TINY = ['--config.model.hidden_sizes=(16,32,64,128)', '--config.model.mlp_sizes=
         # Whole grouped convs compile ~25% faster; the tests compare runs of one config.
         '--config.model.split_groups=False']
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# One xdist worker runs the whole module, so its module fixtures (full training runs) are
+# built once rather than once per worker (`make test` uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('reliability')
 
 
 @pytest.fixture(scope='module')

@@ -17,6 +17,9 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
+# One xdist worker runs the whole module, so its module fixtures (full training runs) are
+# built once rather than once per worker (`make test` uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('sharding')
 # The demo model at small widths: the stage-4 MLP kernels (2**15 elements) are split by FSDP.
 SMALL_MODEL = dict(hidden_sizes=(16, 32, 64, 128), mlp_sizes=(64, 128, 256, 256))
 SMALL_FLAGS = ['--config.model.hidden_sizes=(16,32,64,128)',
@@ -24,7 +27,8 @@ SMALL_FLAGS = ['--config.model.hidden_sizes=(16,32,64,128)',
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  return {**os.environ, 'XLA_FLAGS': flags.strip(),
           'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO)}
 
 
