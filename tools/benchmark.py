@@ -248,12 +248,7 @@ def _jax_train_step(train, model, config, variables, images, labels, batch):
 
 def _jax_packed_step(model, variables, images):
   import jax  # pylint: disable=g-import-not-at-top
-  try:
-    from bhvit_jax import packed  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise SkipCase(f'bhvit_jax.packed is not available ({e})') from None
-  if not hasattr(packed, 'export') or not hasattr(packed, 'apply'):
-    raise SkipCase('bhvit_jax.packed has no export/apply inference entry point')
+  from bhvit_jax import packed  # pylint: disable=g-import-not-at-top
   arrays = packed.arrays(packed.export(model, variables))
   compiled = jax.jit(lambda a, x: packed.apply(model, a, x)).lower(arrays, images).compile()
   return lambda: jax.block_until_ready(compiled(arrays, images)), compiled
