@@ -174,17 +174,16 @@ class TokenNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    param = lambda name, init: channel_param(self, name, init, x, self.channel_axes)
-    scale, bias = param('scale', nn.initializers.ones), param('bias', nn.initializers.zeros)
     stats_x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    param = lambda name, init: channel_param(self, name, init, stats_x, self.channel_axes)
+    scale, bias = param('scale', nn.initializers.ones), param('bias', nn.initializers.zeros)
     first_channel = x.ndim - self.channel_axes
     if self.kind == 'layer':
       mean, var = _moments(stats_x, tuple(range(first_channel, x.ndim)), keepdims=True)
     else:
       mean, var = self._batch_moments(stats_x, tuple(range(first_channel)), train)
     inv = jax.lax.rsqrt(var + EPS)
-    y = (stats_x - mean) * inv * scale.astype(stats_x.dtype) + bias.astype(stats_x.dtype)
-    return y.astype(x.dtype)
+    return ((stats_x - mean) * inv * scale + bias).astype(x.dtype)
 
   def _batch_moments(self, x, axes, train):
     shape = x.shape[len(axes):]

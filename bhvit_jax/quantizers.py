@@ -128,23 +128,6 @@ def _binary_matmul_fwd(x, latent, scale, bound, sign_input):
   return _binary_matmul(x, latent, scale, bound, sign_input), (x, latent, scale, bound)
 
 
-def _binary_matmul_bwd(sign_input, res, g):
-  x, latent, scale, bound = res
-  n = latent.ndim - 1
-  gs = g * scale.reshape(-1).astype(g.dtype)
-  gx = jax.lax.dot_general(gs, jnp.sign(latent).astype(g.dtype), (((g.ndim - 1,), (n,)), ((), ())))
-  if sign_input:
-    gx = _approx_sign_grad(x, gx)
-  wide = jnp.promote_types(g.dtype, latent.dtype)
-  # The same sign operand as the forward pass, so XLA materializes it once.
-  a = (_sign_operand(x) if sign_input else x).astype(wide)
-  a = a.reshape(-1, math.prod(latent.shape[:-1]))
-  g = g.astype(wide).reshape(-1, latent.shape[-1])
-  mask = (jnp.abs(latent) <= bound).astype(wide).reshape(a.shape[1], g.shape[1])
-  return (gx, _weight_grad(a, g, mask).reshape(latent.shape).astype(latent.dtype),
-          jnp.zeros_like(scale), jnp.zeros_like(bound))
-
-
 def _weight_grad(a, g, mask):
   """`(aᵀ g) ⊙ mask` for a `[N, K]`, g `[N, O]`.
 
@@ -157,16 +140,35 @@ def _weight_grad(a, g, mask):
   return jax.lax.optimization_barrier(jnp.dot(g.T, a) * mask.T).T
 
 
+def _binary_matmul_bwd(sign_input, res, g):
+  x, latent, scale, bound = res
+  n = latent.ndim - 1
+  gs = g * scale.reshape(-1).astype(g.dtype)
+  contract_out = (((g.ndim - 1,), (n,)), ((), ()))
+  gx = jax.lax.dot_general(gs, jnp.sign(latent).astype(g.dtype), contract_out)
+  if sign_input:
+    gx = _approx_sign_grad(x, gx)
+  wide = jnp.promote_types(g.dtype, latent.dtype)
+  # The same sign operand as the forward pass, so XLA materializes it once.
+  a = (_sign_operand(x) if sign_input else x).astype(wide)
+  a = a.reshape(-1, math.prod(latent.shape[:-1]))
+  g = g.astype(wide).reshape(-1, latent.shape[-1])
+  mask = (jnp.abs(latent) <= bound).astype(wide).reshape(a.shape[1], g.shape[1])
+  return (gx, _weight_grad(a, g, mask).reshape(latent.shape).astype(latent.dtype),
+          jnp.zeros_like(scale), jnp.zeros_like(bound))
+
+
 _binary_matmul.defvjp(_binary_matmul_fwd, _binary_matmul_bwd)
 
 
 def binary_matmul(x, w, input_bits, weight_bits, recu=False):
   """`maybe_sign(x) · maybe_binarize_weight(w)`: x `[..., *K]`, kernel w `[*K, O]`.
 
-  With 1-bit weights the product is computed as `(x' · sign(Wc))·s_o` in one custom gradient,
-  which saves only x and keeps both sign tensors out of memory; the gradients are those of
-  the composed quantizers (approx-sign for x, unscaled clipped STE for w). The binarization
-  statistics (s_o, centring, ReCU) are over all of the kernel's fan-in axes.
+  With 1-bit weights the product is computed as `(x' · sign(Wc))·s_o` in one custom gradient
+  that saves only x (the bfloat16 sign of x serves the product and the weight gradient); the
+  gradients are those of the composed quantizers (approx-sign for x, unscaled clipped STE for
+  w). The binarization statistics (s_o, centring, ReCU) are over all of the kernel's fan-in
+  axes.
   """
   if weight_bits != 1:
     return _contract(maybe_sign(x, input_bits), w.astype(x.dtype))
