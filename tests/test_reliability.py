@@ -33,12 +33,13 @@ TINY = ['--config.model.hidden_sizes=(16,32,64,128)', '--config.model.mlp_sizes=
         # Whole grouped convs compile ~25% faster; the tests compare runs of one config.
         '--config.model.split_groups=False']
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
-# One xdist worker runs the whole module, so its module fixtures (full training runs) are
-# built once rather than once per worker (`make test` uses --dist loadgroup).
+# One xdist worker runs the whole module (`make test` uses --dist loadgroup), and its
+# fixtures (full training runs) are session-scoped, so each is built once: module scope
+# would rebuild them whenever the worker interleaves tests of other modules.
 pytestmark = pytest.mark.xdist_group('reliability')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp('xla_cache')
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(cache),
@@ -116,7 +117,7 @@ def _assert_clean_error(result, code, *patterns):
     assert re.search(pattern, result.stderr), (pattern, result.stderr[-3000:])
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def runs(env, tmp_path_factory):
   """An uninterrupted run, and one SIGKILLed while writing its step-6 checkpoint, copied
   aside there, restarted, SIGTERMed, and restarted again to the end."""

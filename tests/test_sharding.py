@@ -17,8 +17,9 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
-# One xdist worker runs the whole module, so its module fixtures (full training runs) are
-# built once rather than once per worker (`make test` uses --dist loadgroup).
+# One xdist worker runs the whole module (`make test` uses --dist loadgroup), and its
+# fixtures (full training runs) are session-scoped, so each is built once: module scope
+# would rebuild them whenever the worker interleaves tests of other modules.
 pytestmark = pytest.mark.xdist_group('sharding')
 # The demo model at small widths: the stage-4 MLP kernels (2**15 elements) are split by FSDP.
 SMALL_MODEL = dict(hidden_sizes=(16, 32, 64, 128), mlp_sizes=(64, 128, 256, 256))
@@ -102,7 +103,7 @@ def equivalence_worker(out_dir: str):
                  'batch_devices': batch_devices}, f)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def equivalence(tmp_path_factory):
   out = tmp_path_factory.mktemp('equivalence')
   subprocess.run([sys.executable, __file__, 'equivalence', str(out)], env=_env(8), check=True,
@@ -151,7 +152,7 @@ def _train_records(workdir):
   return [json.loads(line) for line in lines]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def eight_device_run(tmp_path_factory):
   """The entry point on one process with 8 devices and mesh.data=8."""
   workdir = tmp_path_factory.mktemp('one_process')
