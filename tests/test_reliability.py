@@ -33,10 +33,6 @@ TINY = ['--config.model.hidden_sizes=(16,32,64,128)', '--config.model.mlp_sizes=
         # Whole grouped convs compile ~25% faster; the tests compare runs of one config.
         '--config.model.split_groups=False']
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
-# One xdist worker runs the whole module (`make test` uses --dist loadgroup), and its
-# fixtures (full training runs) are session-scoped, so each is built once: module scope
-# would rebuild them whenever the worker interleaves tests of other modules.
-pytestmark = pytest.mark.xdist_group('reliability')
 
 
 @pytest.fixture(scope='session')

@@ -17,10 +17,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
-# One xdist worker runs the whole module (`make test` uses --dist loadgroup), and its
-# fixtures (full training runs) are session-scoped, so each is built once: module scope
-# would rebuild them whenever the worker interleaves tests of other modules.
-pytestmark = pytest.mark.xdist_group('sharding')
 # The demo model at small widths: the stage-4 MLP kernels (2**15 elements) are split by FSDP.
 SMALL_MODEL = dict(hidden_sizes=(16, 32, 64, 128), mlp_sizes=(64, 128, 256, 256))
 SMALL_FLAGS = ['--config.model.hidden_sizes=(16,32,64,128)',
