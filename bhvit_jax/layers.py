@@ -211,24 +211,45 @@ def _moments(x, axes, keepdims=False):
   return (mean if keepdims else jnp.squeeze(mean, axes)), var
 
 
-def shift_mean(x, axis: int, reach: int):
-  """Mean of x rolled by every offset in {0, ±1, …, ±reach} along `axis` (circular)."""
-  total = x
-  for s in range(1, reach + 1):
-    total = total + jnp.roll(x, s, axis=axis) + jnp.roll(x, -s, axis=axis)
-  return total / (2 * reach + 1)
+class ShiftScale(nn.Module):
+  """The `(alpha, move)` of one shift path's LayerScale (init 0), each `[C]`."""
+
+  @nn.compact
+  def __call__(self, x):
+    return (channel_param(self, 'alpha', nn.initializers.zeros, x),
+            channel_param(self, 'move', nn.initializers.zeros, x))
 
 
-def shift_channel_mix(x, offset: int):
-  """Four contiguous channel groups rolled by +offset/-offset along H, then along W.
+def shift_residuals(x, scales):
+  """The reference's shift paths, `sum(shift(x) * alpha + move)`, as one per-channel stencil.
+
+  Paths, keyed `(kind, reach)`: `'h'`/`'w'` is the mean of x rolled by every offset in
+  {0, ±1, …, ±reach} (circular) along H/W; `'ch'` rolls four contiguous channel groups by
+  +reach/-reach along H, then along W. Each is linear in rolls of x along H or W, so all of
+  them fold into per-channel weights on at most nine rolled copies. Summed path by path,
+  XLA:CPU emits every roll as a concatenation inside one fused loop and does not vectorize
+  it (stage 1 of tiny, batch 16: 23.5 → 7.7 ms forward, 50 → 20 ms with gradients).
 
   Args:
     x: `[B, H, W, C]`, C divisible by 4.
+    scales: `{(kind, reach): (alpha, move)}`, each `[C]`.
+  Returns: `[B, H, W, C]`, the sum over all paths.
   """
-  g = jnp.split(x, 4, axis=-1)
-  return jnp.concatenate([
-      jnp.roll(g[0], offset, axis=1), jnp.roll(g[1], -offset, axis=1),
-      jnp.roll(g[2], offset, axis=2), jnp.roll(g[3], -offset, axis=2)], axis=-1)
+  group = jnp.arange(x.shape[-1]) // (x.shape[-1] // 4)
+  stencil = {}  # (axis, offset) -> per-channel weight
+  def add(axis, offset, weight):
+    stencil[axis, offset] = stencil.get((axis, offset), 0) + weight
+  for (kind, reach), (alpha, _) in scales.items():
+    if kind == 'ch':
+      for g, (axis, offset) in enumerate(((1, reach), (1, -reach), (2, reach), (2, -reach))):
+        add(axis, offset, jnp.where(group == g, alpha, 0))
+    else:
+      for offset in range(-reach, reach + 1):
+        add({'h': 1, 'w': 2}[kind], offset, alpha / (2 * reach + 1))
+  out = sum(move for _, move in scales.values())
+  for (axis, offset), weight in stencil.items():
+    out = out + jnp.roll(x, offset, axis=axis) * weight
+  return out
 
 
 def drop_path(x, rate: float, deterministic: bool, rng_owner: nn.Module):

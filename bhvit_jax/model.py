@@ -262,14 +262,10 @@ class Block(nn.Module):
     u = Projection(s, self.mlp_size, name='intermediate')(n2, train)
     out = Projection(s, c, layerscale=s.layerscale, name='output')(u, train)
     out = layers.drop_path(out, self.drop_path, not train, self) + h
-    for reach, flag in ((1, s.shift3), (2, s.shift5)):
-      if flag:
-        n = 2 * reach + 1
-        out = out + LayerScale(0.0, name=f'layerscale_h{n}')(layers.shift_mean(n2, 1, reach))
-        out = out + LayerScale(0.0, name=f'layerscale_w{n}')(layers.shift_mean(n2, 2, reach))
-        out = out + LayerScale(0.0, name=f'layerscale_ch{n}')(
-            layers.shift_channel_mix(n2, reach))
-    return out
+    scales = {(kind, reach): layers.ShiftScale(name=f'layerscale_{kind}{2 * reach + 1}')(n2)
+              for reach, flag in ((1, s.shift3), (2, s.shift5)) if flag
+              for kind in ('h', 'w', 'ch')}
+    return out + layers.shift_residuals(n2, scales) if scales else out
 
   def _mixer(self, n1, train):
     if self.kind == 'conv':

@@ -8,6 +8,7 @@ compute: no fast-math is enabled at either level.
 import os
 import pathlib
 
+import jax
 import pytest
 
 os.environ['XLA_FLAGS'] = ' '.join(
@@ -29,3 +30,13 @@ def steps_public():
   path = FIXTURES / 'steps_public.npz'
   assert path.is_file(), f'reference fixture missing: {path}'
   return path
+
+
+@pytest.fixture
+def x64():
+  """Float64 jax for the duration of one test."""
+  jax.config.update('jax_enable_x64', True)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_x64', False)

@@ -22,15 +22,6 @@ SMALL = dict(hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 
              shift5=True, some_fp=True, gsb=False)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update('jax_enable_x64', True)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_enable_x64', False)
-
-
 def direct_grouped_conv(x, kernel, dilation, groups):
   """Zero-padded 'same' grouped dilated conv by explicit loops (NHWC, HWIO), float64."""
   b, h, w, c = x.shape

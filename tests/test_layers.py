@@ -42,18 +42,47 @@ def test_layernorm_matches_two_pass_formula():
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_shifts_follow_roll_convention_and_channel_groups():
-  x = jnp.arange(2 * 5 * 6 * 8, dtype=jnp.float32).reshape(2, 5, 6, 8)
-  xn = np.asarray(x)
-  h3 = (xn + xn[:, [(i - 1) % 5 for i in range(5)]] + xn[:, [(i + 1) % 5 for i in range(5)]]) / 3
-  np.testing.assert_allclose(layers.shift_mean(x, 1, 1), h3, rtol=1e-6)
-  w5 = sum(xn[:, :, [(i - s) % 6 for i in range(6)]] for s in (0, 1, -1, 2, -2)) / 5
-  np.testing.assert_allclose(layers.shift_mean(x, 2, 2), w5, rtol=1e-6)
-  mixed = np.asarray(layers.shift_channel_mix(x, 2))
-  np.testing.assert_array_equal(mixed[:, 3, :, 0:2], xn[:, 1, :, 0:2])   # group 0: +2 along H
-  np.testing.assert_array_equal(mixed[:, 3, :, 2:4], xn[:, 0, :, 2:4])   # group 1: -2 along H
-  np.testing.assert_array_equal(mixed[:, :, 3, 4:6], xn[:, :, 1, 4:6])   # group 2: +2 along W
-  np.testing.assert_array_equal(mixed[:, :, 3, 6:8], xn[:, :, 5, 6:8])   # group 3: -2 along W
+def _reference_shift_paths(x, scales):
+  """The reference's shift paths term by term, written with explicit circular indices."""
+  _, h, w, c = x.shape
+  rolled = lambda axis, s: np.take(x, [(i - s) % x.shape[axis] for i in range(x.shape[axis])],
+                                   axis=axis)
+  total = 0
+  for (kind, reach), (alpha, move) in scales.items():
+    if kind == 'ch':
+      g = c // 4
+      path = np.concatenate([rolled(1, reach)[..., :g], rolled(1, -reach)[..., g:2 * g],
+                             rolled(2, reach)[..., 2 * g:3 * g], rolled(2, -reach)[..., 3 * g:]],
+                            axis=-1)
+    else:
+      axis = {'h': 1, 'w': 2}[kind]
+      path = sum(rolled(axis, s) for s in range(-reach, reach + 1)) / (2 * reach + 1)
+    total = total + path * alpha + move
+  return total
+
+
+def test_shift_roll_convention_and_channel_groups():
+  x = np.arange(2 * 5 * 6 * 8, dtype=np.float64).reshape(2, 5, 6, 8)
+  one, zero = np.ones(8), np.zeros(8)
+  mixed = np.asarray(layers.shift_residuals(jnp.asarray(x, jnp.float32), {('ch', 2): (one, zero)}))
+  np.testing.assert_array_equal(mixed[:, 3, :, 0:2], x[:, 1, :, 0:2])   # group 0: +2 along H
+  np.testing.assert_array_equal(mixed[:, 3, :, 2:4], x[:, 0, :, 2:4])   # group 1: -2 along H
+  np.testing.assert_array_equal(mixed[:, :, 3, 4:6], x[:, :, 1, 4:6])   # group 2: +2 along W
+  np.testing.assert_array_equal(mixed[:, :, 3, 6:8], x[:, :, 5, 6:8])   # group 3: -2 along W
+  h3 = np.asarray(layers.shift_residuals(jnp.asarray(x, jnp.float32), {('h', 1): (one, zero)}))
+  np.testing.assert_allclose(h3[:, 2], (x[:, 1] + x[:, 2] + x[:, 3]) / 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize('kinds', [(('h', 1), ('w', 1), ('ch', 1)),
+                                   (('h', 1), ('w', 1), ('ch', 1), ('h', 2), ('w', 2), ('ch', 2)),
+                                   (('w', 2), ('ch', 2))])
+def test_folded_shift_stencil_equals_paths_summed(x64, kinds):
+  rng = np.random.RandomState(0)
+  x = rng.randn(2, 7, 6, 12)
+  scales = {k: (rng.randn(12), rng.randn(12)) for k in kinds}
+  got = layers.shift_residuals(jnp.asarray(x), {k: tuple(map(jnp.asarray, v))
+                                                for k, v in scales.items()})
+  np.testing.assert_allclose(got, _reference_shift_paths(x, scales), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('module,shape', [
