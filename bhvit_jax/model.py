@@ -19,6 +19,7 @@ import numpy as np
 
 from bhvit_jax import layers
 from bhvit_jax import quantizers
+from bhvit_jax import remat as remat_lib
 from bhvit_jax.layers import BinaryConv, BinaryDense, Bias, LayerScale, RPReLU, TokenNorm
 
 
@@ -372,7 +373,7 @@ class BHViT(nn.Module):
   disable_layerscale: bool = False
   drop_path: float = 0.0
   split_groups: bool = False
-  remat: bool = False
+  remat_stages: Sequence[int] = ()  # stages (1-4) recomputed in the backward pass: less memory
   dtype: Any = None
 
   def spec(self) -> BlockSpec:
@@ -391,11 +392,12 @@ class BHViT(nn.Module):
     if self.dtype is not None:
       images = images.astype(self.dtype)
     h = Embeddings(spec, self.hidden_sizes[0], self.patch_size, name='embeddings')(images, train)
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     rates = np.linspace(0, self.drop_path, sum(self.depths))
     n_conv = self.depths[0] + self.depths[1]
     i = 0
     for stage, depth in enumerate(self.depths):
+      block_cls = (remat_lib.remat(Block, static_argnums=(2,))
+                   if stage + 1 in self.remat_stages else Block)
       for _ in range(depth):
         kind = 'conv' if stage < 2 else 'attention'
         name = f'layerA_{i}' if i < n_conv else f'layerB_{i - n_conv}'
@@ -445,6 +447,8 @@ def validate(m: BHViT):
     errors.append(f'image_size={m.image_size}: the stage-3/4 grids '
                   f'{m.image_size // (m.patch_size * 4)} and {m.image_size // (m.patch_size * 8)}'
                   f' must be divisible by window_size={w}')
+  if not set(m.remat_stages) <= {1, 2, 3, 4}:
+    errors.append(f'remat_stages={tuple(m.remat_stages)} must hold stage numbers 1-4')
   for name, value, allowed in (('weight_bits', m.weight_bits, (1, 32)),
                                ('input_bits', m.input_bits, (1, 32)),
                                ('norm', m.norm, ('batch', 'layer'))):
@@ -463,7 +467,7 @@ def from_config(cfg) -> BHViT:
     hints = [f'{k} (did you mean {difflib.get_close_matches(k, MODEL_FIELDS, 1)[0]}?)'
              if difflib.get_close_matches(k, MODEL_FIELDS, 1) else k for k in unknown]
     raise ValueError(f'unknown model config keys: {", ".join(hints)}')
-  for key in ('hidden_sizes', 'depths', 'num_heads', 'mlp_sizes'):
+  for key in ('hidden_sizes', 'depths', 'num_heads', 'mlp_sizes', 'remat_stages'):
     if key in cfg:
       cfg[key] = tuple(cfg[key])
   if isinstance(cfg.get('dtype'), str):

@@ -48,7 +48,7 @@ def get_config():
       mlp_sizes=(128, 256, 256, 512), num_classes=10, image_size=32, patch_size=4,
       window_size=1, weight_bits=1, input_bits=1, norm='batch', shift3=True, shift5=True,
       some_fp=True, gsb=False, recu=False, disable_layerscale=False, drop_path=0.0,
-      split_groups=True))
+      split_groups=True, remat_stages=()))
 
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=2e-3, lr_batch_scale=64, schedule='cosine', warmup_steps=50, min_lr=1e-5,

@@ -15,6 +15,7 @@ import pytest
 from bhvit_jax import layers
 from bhvit_jax import quantizers
 from bhvit_jax import model as model_lib
+from bhvit_jax import remat as remat_lib
 
 SMALL = dict(hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
              mlp_sizes=(32, 64, 128, 256), num_classes=5, image_size=32, patch_size=2,
@@ -77,7 +78,7 @@ def _block_outputs(block, variables, x):
 
     def loss_fn(params, x):
       y, updates = block.apply({**variables, 'params': params}, x, True,
-                               mutable=['batch_stats'])
+                               mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(5)})
       return jnp.sum(y * cotangent), (y, updates['batch_stats'])
 
     (_, (y, stats)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
@@ -110,15 +111,43 @@ def test_split_groups_block_matches_grouped_block(x64):
   assert float(jnp.abs(expected['grads']['params']['GC']['cov3']['kernel']).sum()) > 0
 
 
-def test_remat_block_matches_plain_block(x64):
-  # BHViT(remat=True) wraps every Block exactly like this; the attention block has every
-  # custom-gradient quantizer, which must survive the recomputation.
-  x = jnp.asarray(np.random.RandomState(3).randn(2, 4, 4, 32))
-  plain = model_lib.Block(_spec(), 'attention', 2, 64)
+@pytest.mark.parametrize('kind,width', [('attention', 32), ('conv', 16)])
+@pytest.mark.parametrize('wrap', ['recompute_in_backward', 'jax.checkpoint'])
+def test_remat_block_matches_plain_block(x64, kind, width, wrap):
+  # BHViT(remat=True) wraps every Block like this (the first on CPU, the second elsewhere).
+  # The attention block has every custom-gradient quantizer, which must survive the
+  # recomputation; stochastic depth must draw the same mask twice.
+  x = jnp.asarray(np.random.RandomState(3).randn(2, 4, 4, width))
+  plain = model_lib.Block(_spec(), kind, 2, 64, drop_path=0.5)
   variables = plain.init({'params': jax.random.PRNGKey(1)}, x, False)
   expected = _block_outputs(plain, variables, x)
-  remat = nn.remat(model_lib.Block, static_argnums=(2,))(_spec(), 'attention', 2, 64)
+  wrapper = remat_lib.remat if wrap == 'recompute_in_backward' else nn.remat
+  remat = wrapper(model_lib.Block, static_argnums=(2,))(_spec(), kind, 2, 64, drop_path=0.5)
   _assert_trees_close(_block_outputs(remat, variables, x), expected)
+
+
+def test_recompute_in_backward_keeps_only_inputs_on_cpu():
+  # Three 4-layer segments of 1024x1024 activations: saving every layer's output needs ~4x
+  # the segment inputs. jax.checkpoint does not lower this on XLA:CPU (the barriers that keep
+  # its recomputation apart are dropped there); the wrapper must.
+  ws = [jnp.asarray(np.random.RandomState(i).randn(1024, 1024) / 32, jnp.float32)
+        for i in range(12)]
+
+  def segment(x, ws):
+    for w in ws:
+      x = jnp.tanh(x @ w) + x
+    return x, ()
+
+  def temp_mib(wrap):
+    def loss(x, ws):
+      for i in range(0, 12, 4):
+        x, _ = wrap(segment)(x, ws[i:i + 4])
+      return jnp.sum(x * x)
+    compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((1024, 1024)), ws).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+  plain = temp_mib(lambda f: f)
+  assert temp_mib(remat_lib.recompute_in_backward) < 0.6 * plain
 
 
 def test_bfloat16_compute_runs_on_cpu():

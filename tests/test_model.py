@@ -1,4 +1,4 @@
-"""BHViT at small size: every flag of SPEC §1, calibration, validation, remat."""
+"""BHViT at small size: every flag of SPEC §1, calibration, validation."""
 import math
 
 import jax
@@ -100,6 +100,7 @@ def test_drop_path_only_in_training():
     (dict(image_size=64, window_size=3), 'divisible by window_size=3'),
     (dict(depths=(1, 1, 1)), '4 entries'),
     (dict(norm='group'), "norm='group'"),
+    (dict(remat_stages=(0, 2)), 'stage numbers 1-4'),
 ])
 def test_invalid_configurations_are_named(change, message):
   with pytest.raises(ValueError, match=message.replace('*', r'\*').replace('(', r'\(')):

@@ -1,0 +1,105 @@
+"""Rematerialization that also lowers memory on XLA's CPU backend.
+
+`jax.checkpoint` marks the recomputation's inputs with an optimization barrier so that XLA
+does not merge it with the forward pass. XLA's CPU pipeline drops those barriers, common
+subexpression elimination then merges the two, and the forward activations stay alive until
+the backward pass: on CPU `jax.checkpoint` costs time and saves nothing. Here the backward pass
+recomputes the function from inputs passed through a `lax.cond` whose predicate XLA cannot
+fold, so the recomputation is distinct from the forward pass and only the inputs are kept.
+"""
+from flax.core import lift
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+
+
+def _is_float(leaf):
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def recompute_in_backward(fun):
+  """`fun(inputs, *rest) -> (out, aux)`, saving only its arguments for the backward pass.
+
+  `inputs` (a pytree of activations) is what makes the recomputation distinct from the
+  forward pass; parts of `fun` that depend only on `rest` (parameters, PRNG keys) may be shared
+  with it. `fun` is traced once and the backward pass replays that trace, so Python-side state
+  that tracing advances (Flax's PRNG counters) cannot make the recomputation differ. Only `out`
+  is differentiated; `aux` (e.g. a module's updated batch statistics) is treated as a constant.
+  Non-float arguments (PRNG keys, counters) get no cotangent.
+  """
+
+  def call(*args):
+    flat_args, in_tree = jax.tree_util.tree_flatten(args)
+    closed, out_shapes = jax.make_jaxpr(
+        lambda *flat: fun(*jax.tree_util.tree_unflatten(in_tree, flat)),
+        return_shape=True)(*flat_args)
+    replay = jax.extend.core.jaxpr_as_fun(closed)
+    n_out = len(jax.tree_util.tree_leaves(out_shapes[0]))
+    n_inputs = len(jax.tree_util.tree_leaves(args[0]))
+    is_float = [_is_float(leaf) for leaf in flat_args]
+
+    @jax.custom_vjp
+    def run(*flat):
+      return replay(*flat)
+
+    def forward(*flat):
+      return replay(*flat), flat
+
+    def backward(flat, cotangents):
+      cotangents = list(cotangents[:n_out])
+      # The inputs pass through a conditional that XLA cannot see through (the predicate is
+      # true for every value, NaN included, but only known at run time) and that waits for
+      # the cotangents: the recomputation is neither merged with the forward pass nor
+      # scheduled before the backward pass reaches it. Only the inputs pass through it: XLA:CPU
+      # does not canonicalize convolutions inside a conditional (their gradients ran ~10x
+      # slower there), and copying parameters through it would cost memory.
+      probe = cotangents[0].reshape(-1)[0]
+      inputs = jax.lax.cond((probe == probe) | (probe != probe), lambda x: x,
+                            lambda x: tuple(map(jnp.zeros_like, x)), tuple(flat[:n_inputs]))
+      flat = inputs + tuple(flat[n_inputs:])
+
+      def out_of(*floats):
+        it = iter(floats)
+        return replay(*[next(it) if f else leaf for leaf, f in zip(flat, is_float)])[:n_out]
+
+      floats = [leaf for leaf, f in zip(flat, is_float) if f]
+      grads = iter(jax.vjp(out_of, *floats)[1](cotangents))
+      return tuple(next(grads) if f else None for f in is_float)
+
+    run.defvjp(forward, backward)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shapes),
+                                        run(*flat_args))
+
+  return call
+
+
+def recompute(fn, static_argnums=()):
+  """`recompute_in_backward` lifted over a Flax scope (all collections and PRNG streams)."""
+
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+    static = {i: a for i, a in enumerate(args) if i in static_argnums}
+    dynamic = [a for i, a in enumerate(args) if i not in static]
+
+    def pure(dynamic, variable_groups, rng_groups):
+      it = iter(dynamic)
+      full = [static[i] if i in static else next(it) for i in range(len(args))]
+      scope = scope_fn(variable_groups, rng_groups)
+      return fn(scope, *full), repack_fn(scope)
+
+    return recompute_in_backward(pure)(tuple(dynamic), variable_groups, rng_groups)
+
+  return lift.pack(inner, (True,), (True,), (True,), name='remat')
+
+
+def remat(module_cls, static_argnums=()):
+  """`module_cls` whose `__call__` is recomputed in the backward pass.
+
+  On CPU this uses `recompute_in_backward`; elsewhere `nn.remat` (`jax.checkpoint`), whose
+  barriers those backends honour without a conditional. `static_argnums` count the call's
+  arguments after `self` from 1, as in `nn.remat`.
+  """
+  if jax.default_backend() != 'cpu':
+    return nn.remat(module_cls, static_argnums=static_argnums)
+  return nn.transforms.lift_transform(recompute, module_cls,
+                                      static_argnums=tuple(i - 1 for i in static_argnums))
