@@ -18,6 +18,18 @@ def _is_float(leaf):
   return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
+def opaque(tree, probe):
+  """`tree` unchanged, as fresh buffers that XLA cannot trace back to their producers.
+
+  A conditional whose predicate is true for every value of `probe` (NaN included) but known
+  only at run time: XLA neither folds it nor fuses or merges computations across it, and it
+  runs only once `probe` exists.
+  """
+  probe = probe.reshape(-1)[0]
+  return jax.lax.cond((probe == probe) | (probe != probe), lambda t: t,
+                      lambda t: jax.tree_util.tree_map(jnp.zeros_like, t), tree)
+
+
 def recompute_in_backward(fun):
   """`fun(inputs, *rest) -> (out, aux)`, saving only its arguments for the backward pass.
 
@@ -48,16 +60,11 @@ def recompute_in_backward(fun):
 
     def backward(flat, cotangents):
       cotangents = list(cotangents[:n_out])
-      # The inputs pass through a conditional that XLA cannot see through (the predicate is
-      # true for every value, NaN included, but only known at run time) and that waits for
-      # the cotangents: the recomputation is neither merged with the forward pass nor
-      # scheduled before the backward pass reaches it. Only the inputs pass through it: XLA:CPU
-      # does not canonicalize convolutions inside a conditional (their gradients ran ~10x
-      # slower there), and copying parameters through it would cost memory.
-      probe = cotangents[0].reshape(-1)[0]
-      inputs = jax.lax.cond((probe == probe) | (probe != probe), lambda x: x,
-                            lambda x: tuple(map(jnp.zeros_like, x)), tuple(flat[:n_inputs]))
-      flat = inputs + tuple(flat[n_inputs:])
+      # Opaque inputs that wait for the cotangents: the recomputation is neither merged with
+      # the forward pass nor scheduled before the backward pass reaches it. The function runs
+      # outside the conditional (XLA:CPU does not canonicalize convolutions inside one; their
+      # gradients ran ~10x slower there), and parameters stay out of it (copies cost memory).
+      flat = opaque(tuple(flat[:n_inputs]), cotangents[0]) + tuple(flat[n_inputs:])
 
       def out_of(*floats):
         it = iter(floats)

@@ -44,16 +44,16 @@ def test_layernorm_matches_two_pass_formula():
 
 def _reference_shift_paths(x, scales):
   """The reference's shift paths term by term, written with explicit circular indices."""
-  _, h, w, c = x.shape
-  rolled = lambda axis, s: np.take(x, [(i - s) % x.shape[axis] for i in range(x.shape[axis])],
-                                   axis=axis)
+  c = x.shape[-1]
+  rolled = lambda axis, s: jnp.take(x, jnp.array([(i - s) % x.shape[axis]
+                                                  for i in range(x.shape[axis])]), axis=axis)
   total = 0
   for (kind, reach), (alpha, move) in scales.items():
     if kind == 'ch':
       g = c // 4
-      path = np.concatenate([rolled(1, reach)[..., :g], rolled(1, -reach)[..., g:2 * g],
-                             rolled(2, reach)[..., 2 * g:3 * g], rolled(2, -reach)[..., 3 * g:]],
-                            axis=-1)
+      path = jnp.concatenate([rolled(1, reach)[..., :g], rolled(1, -reach)[..., g:2 * g],
+                              rolled(2, reach)[..., 2 * g:3 * g], rolled(2, -reach)[..., 3 * g:]],
+                             axis=-1)
     else:
       axis = {'h': 1, 'w': 2}[kind]
       path = sum(rolled(axis, s) for s in range(-reach, reach + 1)) / (2 * reach + 1)
@@ -78,11 +78,16 @@ def test_shift_roll_convention_and_channel_groups():
                                    (('w', 2), ('ch', 2))])
 def test_folded_shift_stencil_equals_paths_summed(x64, kinds):
   rng = np.random.RandomState(0)
-  x = rng.randn(2, 7, 6, 12)
-  scales = {k: (rng.randn(12), rng.randn(12)) for k in kinds}
-  got = layers.shift_residuals(jnp.asarray(x), {k: tuple(map(jnp.asarray, v))
-                                                for k, v in scales.items()})
-  np.testing.assert_allclose(got, _reference_shift_paths(x, scales), rtol=1e-12, atol=1e-12)
+  x = jnp.asarray(rng.randn(2, 7, 6, 12))
+  scales = {k: (jnp.asarray(rng.randn(12)), jnp.asarray(rng.randn(12))) for k in kinds}
+  cotangent = jnp.asarray(rng.randn(2, 7, 6, 12))
+  results = []
+  for f in (layers.shift_residuals, _reference_shift_paths):
+    out, vjp = jax.vjp(f, x, scales)
+    results.append((out, vjp(cotangent)))
+  # Outputs, the input's gradient (the custom mirrored stencil) and every alpha/move gradient.
+  for got, want in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('module,shape', [
