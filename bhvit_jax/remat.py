@@ -1,11 +1,11 @@
-"""Rematerialization that also lowers memory on XLA's CPU backend.
+"""Rematerialization and materialization points that also work on XLA's CPU backend.
 
 `jax.checkpoint` marks the recomputation's inputs with an optimization barrier so that XLA
 does not merge it with the forward pass. XLA's CPU pipeline drops those barriers, common
 subexpression elimination then merges the two, and the forward activations stay alive until
-the backward pass: on CPU `jax.checkpoint` costs time and saves nothing. Here the backward pass
-recomputes the function from inputs passed through a `lax.cond` whose predicate XLA cannot
-fold, so the recomputation is distinct from the forward pass and only the inputs are kept.
+the backward pass: on CPU `jax.checkpoint` costs time and saves nothing. `opaque` is a barrier
+that holds on CPU too; `recompute_in_backward` recomputes a function from opaque inputs, so
+only the inputs are kept.
 """
 from flax.core import lift
 import flax.linen as nn
@@ -19,12 +19,14 @@ def _is_float(leaf):
 
 
 def opaque(tree, probe):
-  """`tree` unchanged, as fresh buffers that XLA cannot trace back to their producers.
+  """`tree` unchanged, as buffers that XLA neither fuses into their readers nor merges.
 
-  A conditional whose predicate is true for every value of `probe` (NaN included) but known
-  only at run time: XLA neither folds it nor fuses or merges computations across it, and it
-  runs only once `probe` exists.
+  The result is only available once `probe` is. On XLA:CPU, which drops optimization barriers,
+  this is a conditional whose predicate is true for every value of `probe` (NaN included) but
+  known only at run time; other backends honour `lax.optimization_barrier`.
   """
+  if jax.default_backend() != 'cpu':
+    return jax.lax.optimization_barrier((tree, probe))[0]
   probe = probe.reshape(-1)[0]
   return jax.lax.cond((probe == probe) | (probe != probe), lambda t: t,
                       lambda t: jax.tree_util.tree_map(jnp.zeros_like, t), tree)
@@ -100,13 +102,9 @@ def recompute(fn, static_argnums=()):
 
 
 def remat(module_cls, static_argnums=()):
-  """`module_cls` whose `__call__` is recomputed in the backward pass.
+  """`module_cls` whose `__call__` is recomputed in the backward pass (`recompute_in_backward`).
 
-  On CPU this uses `recompute_in_backward`; elsewhere `nn.remat` (`jax.checkpoint`), whose
-  barriers those backends honour without a conditional. `static_argnums` count the call's
-  arguments after `self` from 1, as in `nn.remat`.
+  `static_argnums` count the call's arguments after `self` from 1, as in `nn.remat`.
   """
-  if jax.default_backend() != 'cpu':
-    return nn.remat(module_cls, static_argnums=static_argnums)
   return nn.transforms.lift_transform(recompute, module_cls,
                                       static_argnums=tuple(i - 1 for i in static_argnums))

@@ -6,7 +6,6 @@ so outputs, gradients and BatchNorm updates must agree to rounding. Blocks, not 
 keep the compile time (the cost of these tests on CPU) small.
 """
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,17 +111,19 @@ def test_split_groups_block_matches_grouped_block(x64):
 
 
 @pytest.mark.parametrize('kind,width', [('attention', 32), ('conv', 16)])
-@pytest.mark.parametrize('wrap', ['recompute_in_backward', 'jax.checkpoint'])
-def test_remat_block_matches_plain_block(x64, kind, width, wrap):
-  # BHViT(remat=True) wraps every Block like this (the first on CPU, the second elsewhere).
-  # The attention block has every custom-gradient quantizer, which must survive the
-  # recomputation; stochastic depth must draw the same mask twice.
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+def test_remat_block_matches_plain_block(x64, kind, width, backend, monkeypatch):
+  # BHViT(remat_stages=...) wraps every Block of those stages like this. The attention block
+  # has every custom-gradient quantizer, which must survive the recomputation; stochastic
+  # depth must draw the same mask twice. 'gpu' traces the optimization-barrier branch of
+  # remat.opaque (run here on CPU, where it computes the same numbers).
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   x = jnp.asarray(np.random.RandomState(3).randn(2, 4, 4, width))
   plain = model_lib.Block(_spec(), kind, 2, 64, drop_path=0.5)
   variables = plain.init({'params': jax.random.PRNGKey(1)}, x, False)
   expected = _block_outputs(plain, variables, x)
-  wrapper = remat_lib.remat if wrap == 'recompute_in_backward' else nn.remat
-  remat = wrapper(model_lib.Block, static_argnums=(2,))(_spec(), kind, 2, 64, drop_path=0.5)
+  remat = remat_lib.remat(model_lib.Block, static_argnums=(2,))(_spec(), kind, 2, 64,
+                                                                 drop_path=0.5)
   _assert_trees_close(_block_outputs(remat, variables, x), expected)
 
 
