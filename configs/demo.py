@@ -3,11 +3,11 @@ r"""Demo: a small all-binary BHViT on the embedded MNIST digits (CPU, minutes).
 Command (from the repository root; `make demo` does the same after installing):
   python -m bhvit_jax.train --config configs/demo.py --workdir runs/demo
 
-Hardware / time: 2-core CPU, no accelerator: 2.5 min wall for 700 steps of batch 64
-(≈40 s of it JIT compilation), longer when the cores are shared; `make demo` adds the
+Hardware / time: 2-core CPU, no accelerator: under 2 min wall for 700 steps of batch 64
+(≈25 s of it JIT compilation), longer when the cores are shared; `make demo` adds the
 package install.
-Expected: held-out top-1 96.2% on the 500 held-out digits (deterministic on CPU for a given
-code version; 96.2% at the mid-run evaluation, step 350). `--config.seed=1` gives 97.6%: a
+Expected: held-out top-1 96.8% on the 500 held-out digits (deterministic on CPU for a given
+code version; 97.2% at the mid-run evaluation, step 350). `--config.seed=1` gives 97.2%: a
 binary network's result moves by about a point with the seed or with float rounding.
 
 Model: every binary path of the published BHViT is on: 1-bit weights and 1-bit inputs in
