@@ -249,7 +249,7 @@ def shift_residuals(x, scales):
       for offset in range(-reach, reach + 1):
         add({'h': 1, 'w': 2}[kind], offset, alpha / (2 * reach + 1))
   offsets = tuple(stencil)
-  weights = jnp.stack([jnp.broadcast_to(stencil[k], x.shape[-1:]) for k in offsets])
+  weights = jnp.stack([stencil[k] for k in offsets])
   return sum(move for _, move in scales.values()) + roll_stencil(x, weights, offsets)
 
 

@@ -400,9 +400,9 @@ class BHViT(nn.Module):
     rates = np.linspace(0, self.drop_path, sum(self.depths))
     n_conv = self.depths[0] + self.depths[1]
     i = 0
+    recomputed = remat_lib.remat(Block, static_argnums=(2,))
     for stage, depth in enumerate(self.depths):
-      block_cls = (remat_lib.remat(Block, static_argnums=(2,))
-                   if stage + 1 in self.remat_stages else Block)
+      block_cls = recomputed if stage + 1 in self.remat_stages else Block
       for _ in range(depth):
         kind = 'conv' if stage < 2 else 'attention'
         name = f'layerA_{i}' if i < n_conv else f'layerB_{i - n_conv}'
