@@ -96,8 +96,7 @@ class Projection(nn.Module):
       residual, out_axes = runs.reshape(lead + (f,)), 1
     else:
       residual, out_axes = _mean_runs(x, f), 1
-    y = TokenNorm(self.spec.norm, name='norm', channel_axes=out_axes)(y, train) + residual
-    y = RPReLU(name='rprelu', channel_axes=out_axes)(y)
+    y = norm_residual_act(self, y, residual, train, channel_axes=out_axes)
     if f > c and not train:
       # Materialized once for its two readers (the output projection's sign and its run
       # means); XLA:CPU otherwise recomputes the whole chain inside both, written out in the
@@ -106,6 +105,27 @@ class Projection(nn.Module):
     if self.layerscale:
       y = LayerScale(name='layerscale', channel_axes=out_axes)(y)
     return y.reshape(lead + (f,))
+
+
+def _norm_residual_act(module, y, residual, train, suffix, channel_axes):
+  y = TokenNorm(module.spec.norm, name=f'norm{suffix}', channel_axes=channel_axes)(y, train)
+  return RPReLU(name=f'rprelu{suffix}', channel_axes=channel_axes)(y + residual)
+
+
+_recomputed_norm_residual_act = nn.transforms.lift_transform(
+    remat_lib.recompute, _norm_residual_act, static_argnums=(2, 3, 4))
+
+
+def norm_residual_act(module, y, residual, train, suffix='', channel_axes=1):
+  """`RPReLU(norm(y) + residual)`, the norms and RPReLUs named `norm{suffix}`, `rprelu{suffix}`.
+
+  In training the chain is recomputed in the backward pass from y and the residual
+  (`remat.recompute`): it is elementwise work plus two per-channel reductions, while keeping
+  autodiff's intermediates costs ~2 more activations of y's size per use (for BHViT-tiny,
+  batch 16: 0.43 GiB less training memory, no slower).
+  """
+  fn = _recomputed_norm_residual_act if train else _norm_residual_act
+  return fn(module, y, residual, train, suffix, channel_axes)
 
 
 def _mean_runs(x, features):
@@ -171,8 +191,8 @@ class SelfAttention(nn.Module):
     mixed = [self._qkv(tokens, p, train) for p in ('q', 'k', 'v')]
     q, k, v = (self._signed(m, p) for m, p in zip(mixed, ('q', 'k', 'v')))
     context = self._attend(q, k, v, train)
-    context = TokenNorm(s.norm, name='norm_context')(context, train)
-    context = RPReLU(name='rprelu_context')(context + mixed[0] + mixed[1] + mixed[2])
+    context = norm_residual_act(self, context, mixed[0] + mixed[1] + mixed[2], train,
+                                suffix='_context')
 
     n_win = context.shape[0] // b
     g = h // w
@@ -186,8 +206,7 @@ class SelfAttention(nn.Module):
     names = {'q': 'query', 'k': 'key', 'v': 'value'}
     move = self.param(f'move{p}', nn.initializers.zeros, (t.shape[-1],)).astype(t.dtype)
     y = _dense(self.spec, t.shape[-1], names[p])(t + move)
-    y = TokenNorm(self.spec.norm, name=f'norm{p}')(y, train) + t
-    return RPReLU(name=f'rprelu{p}')(y)
+    return norm_residual_act(self, y, t, train, suffix=p)
 
   def _signed(self, mixed, p):
     move = self.param(f'move{p}2', nn.initializers.zeros, (mixed.shape[-1],))
@@ -322,8 +341,7 @@ class Downsample(nn.Module):
     y = conv(n + move)
     # The tiled residual is added in the `[..., k, C]` view (see `layers.channel_param`).
     view = y.shape[:-1] + (self.features // c, c)
-    y = TokenNorm(s.norm, name='norm', channel_axes=2)(y.reshape(view), train)
-    y = RPReLU(name='rprelu', channel_axes=2)(y + residual[..., None, :])
+    y = norm_residual_act(self, y.reshape(view), residual[..., None, :], train, channel_axes=2)
     return (y + pos.reshape(pos.shape[:-1] + view[-2:]).astype(y.dtype)).reshape(
         y.shape[:-2] + (self.features,))
 

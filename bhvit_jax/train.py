@@ -215,8 +215,8 @@ def init_variables(model, rng) -> dict:
 
 
 def load_pretrained(path: str, model, reference: dict) -> dict:
-  """Variables from a PyTorch state dict (.pth/.pt), a Flax `.msgpack` file or an orbax
-  run/checkpoint directory.
+  """Variables from a PyTorch state dict (.pth/.pt, or `.npz` of its arrays by name), a Flax
+  `.msgpack` file or an orbax run/checkpoint directory.
 
   Raises a ShapeMismatchError listing every leaf that differs from `reference`.
   """
@@ -225,9 +225,12 @@ def load_pretrained(path: str, model, reference: dict) -> dict:
     loaded = convert.load_flax_variables(path)
   elif path.endswith(('.pth', '.pt')):
     loaded = convert.torch_to_flax(convert.load_torch_file(path), model)
+  elif path.endswith('.npz'):
+    with np.load(path) as arrays:
+      loaded = convert.torch_to_flax(dict(arrays), model)
   else:
-    raise ValueError(f'{path!r}: expected a .pth/.pt file, a .msgpack file or an orbax '
-                     'directory')
+    raise ValueError(f'{path!r}: expected a .pth/.pt file, a .npz state dict, a .msgpack file '
+                     'or an orbax directory')
   loaded = {k: v for k, v in loaded.items() if k in reference and v}
   if 'params' not in loaded:
     raise ValueError(f'pretrained weights {path} contain no params')

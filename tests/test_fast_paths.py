@@ -6,6 +6,7 @@ so outputs, gradients and BatchNorm updates must agree to rounding. Blocks, not 
 keep the compile time (the cost of these tests on CPU) small.
 """
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,3 +242,66 @@ def test_projection_views_match_flat_formula(x64, c, features):
   # Eval mode (strided run sums; fresh running statistics are mean 0, variance 1) too.
   ev = proj.apply({**variables, 'params': params}, x, False)
   np.testing.assert_allclose(ev, flat(params, x, train=False), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('stats_cotangent', [False, True])
+def test_batch_norm_gradient_matches_autodiff(x64, stats_cotangent):
+  # The hand-written BatchNorm gradient against autodiff of the formula; the statistics'
+  # cotangents are symbolic zeros when they only feed the running averages, real otherwise.
+  rng = np.random.RandomState(11)
+  x, scale, bias = (jnp.asarray(rng.randn(*s)) for s in ((3, 4, 5, 6), (5, 6), (5, 6)))
+  cot = jnp.asarray(rng.randn(3, 4, 5, 6))
+
+  def formula(x, scale, bias):
+    mean = x.mean((0, 1))
+    var = jnp.square(x - mean).mean((0, 1))
+    return (x - mean) / jnp.sqrt(var + layers.EPS) * scale + bias, mean, var
+
+  def loss(norm):
+    def fn(*args):
+      y, mean, var = norm(*args)
+      if not stats_cotangent:
+        mean, var = jax.lax.stop_gradient((mean, var))
+      return jnp.sum(y * cot) + jnp.sum(jnp.sin(mean)) + jnp.sum(jnp.cos(var))
+    return jax.value_and_grad(fn, argnums=(0, 1, 2))(x, scale, bias)
+
+  got = loss(lambda *a: layers.batch_norm(*a, 2))
+  want = loss(formula)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize('channel_axes', [1, 2])
+def test_recomputed_norm_residual_act_matches_plain(x64, channel_axes):
+  # Training recomputes RPReLU(norm(y) + residual) in the backward pass: same output,
+  # BatchNorm updates and gradients as the chain kept by autodiff (`_norm_residual_act`).
+  class Chain(nn.Module):
+    fn: object
+    spec: object = _spec()
+
+    @nn.compact
+    def __call__(self, y, residual, train):
+      return self.fn(self, y, residual, train, '_x', channel_axes)
+
+  rng = np.random.RandomState(12)
+  y, residual = jnp.asarray(rng.randn(2, 3, 4, 8)), jnp.asarray(rng.randn(2, 3, 1, 8))
+  if channel_axes == 1:
+    y, residual = y.reshape(2, 3, 32), residual.reshape(2, 3, 8).repeat(4, -1)
+  plain = Chain(model_lib._norm_residual_act)
+  variables = plain.init(jax.random.PRNGKey(0), y, residual, False)
+  params = jax.tree.map(lambda v: v + jnp.asarray(rng.randn(*v.shape)) * 0.3,
+                        variables['params'])
+  cot = jnp.asarray(rng.randn(*y.shape))
+
+  def run(chain):
+    def loss(params, y, residual):
+      out, updates = chain.apply({**variables, 'params': params}, y, residual, True,
+                                 mutable=['batch_stats'])
+      return jnp.sum(out * cot), updates
+    (value, updates), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        params, y, residual)
+    return {'loss': value, 'batch_stats': updates['batch_stats'],
+            'grads': {'params': grads[0], 'y': grads[1], 'residual': grads[2]}}
+
+  got = run(Chain(model_lib.norm_residual_act))
+  _assert_trees_close(got, run(plain))

@@ -61,8 +61,10 @@ def tiny(tmp_path_factory):
   # makes the random model predict many classes, so top-1 and top-5 differ per example.
   images = next(iter(data_lib.build_eval_iter(config)))['image']
   variables['params']['classifier']['bias'] -= np.asarray(apply(variables, images)).mean(0)
-  paths = {'msgpack': root / 'vars.msgpack', 'pth': root / 'vars.pth', 'orbax': root / 'run'}
+  paths = {'msgpack': root / 'vars.msgpack', 'pth': root / 'vars.pth', 'npz': root / 'vars.npz',
+           'orbax': root / 'run'}
   convert.save_flax_file(variables, paths['msgpack'])
+  np.savez(paths['npz'], **convert.flax_to_torch(variables))
   convert.save_torch_file(convert.flax_to_torch(variables), paths['pth'])
   checkpoints = ckpt_lib.Checkpointer(str(paths['orbax'] / 'checkpoints'), 1, 1)
   checkpoints.save(3, variables, {}, force=True)
@@ -71,7 +73,7 @@ def tiny(tmp_path_factory):
           {k: str(v) for k, v in paths.items()})
 
 
-@pytest.mark.parametrize('kind', ['msgpack', 'pth', 'orbax'])
+@pytest.mark.parametrize('kind', ['msgpack', 'pth', 'npz', 'orbax'])
 def test_every_checkpoint_format_loads_the_same_variables(tiny, kind):
   pytest.importorskip('torch')
   _, _, model, variables, _, paths = tiny
