@@ -251,8 +251,7 @@ def _batch_norm_bwd(first_channel, residuals, cotangents):
     dx = dx + gmean / n
   if not isinstance(gvar, jax.custom_derivatives.SymbolicZero):
     dx = dx + gvar * (2 / n) * (x - mean)
-  dy_dparams = [jnp.sum(gy * xhat, axes), jnp.sum(gy, axes)]
-  return (dx, *dy_dparams)
+  return dx, jnp.sum(gy * xhat, axes), jnp.sum(gy, axes)
 
 
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)

@@ -86,6 +86,17 @@ def test_every_checkpoint_format_loads_the_same_variables(tiny, kind):
     np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=str(path))
 
 
+def test_bad_npz_state_dict_names_the_file(tiny, tmp_path):
+  model = tiny[2]
+  reference = jax.eval_shape(lambda key: train.init_variables(model, key), jax.random.PRNGKey(0))
+  with pytest.raises(FileNotFoundError, match='missing.npz'):
+    train.load_pretrained(str(tmp_path / 'missing.npz'), model, reference)
+  corrupt = tmp_path / 'corrupt.npz'
+  corrupt.write_bytes(b'not a zip archive')
+  with pytest.raises(ValueError, match='corrupt.npz is not a readable .npz state dict'):
+    train.load_pretrained(str(corrupt), model, reference)
+
+
 def _direct_metrics(config, apply, variables):
   """Top-1/top-5 (%) and mean CE from the logits of every unpadded held-out example."""
   logits, labels = [], []
