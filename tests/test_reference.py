@@ -12,7 +12,8 @@ from conftest import REPO
 def _verify(*args):
   # These runs are bound by execution (whole models in float64), so they keep LLVM's
   # optimizations, which the rest of the suite turns off (conftest.py): ~2x faster here.
-  flags = os.environ.get('XLA_FLAGS', '').replace('--xla_backend_optimization_level=0', '')
+  flags = ' '.join(flag for flag in os.environ.get('XLA_FLAGS', '').split()
+                   if flag != '--xla_backend_optimization_level=0')
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'verify_reference.py'), *args,
                          '--json'], capture_output=True, text=True, cwd=REPO, timeout=900,
                         env={**os.environ, 'XLA_FLAGS': flags})
