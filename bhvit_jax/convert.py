@@ -152,7 +152,10 @@ def _numpy(value):
 
 
 def load_torch_file(path):
-  """Loads a `.pth`/`.pt` file into a dict of numpy arrays (needs the `torch` extra)."""
+  """Loads a `.pth`/`.pt` file (needs the `torch` extra), or a `.npz` of the state dict's
+  arrays by name (does not), into a dict of numpy arrays."""
+  if str(path).endswith('.npz'):
+    return _load_npz(path)
   try:
     import torch
   except ImportError as e:
@@ -165,6 +168,16 @@ def load_torch_file(path):
   except Exception as e:
     raise ValueError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
   return {k: _numpy(v) for k, v in unwrap_checkpoint(obj).items()}
+
+
+def _load_npz(path):
+  try:
+    with np.load(path) as arrays:
+      return dict(arrays)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'state dict not found: {path}') from None
+  except Exception as e:
+    raise ValueError(f'{path} is not a readable .npz state dict: {e}') from e
 
 
 def save_torch_file(state, path):

@@ -214,16 +214,6 @@ def init_variables(model, rng) -> dict:
       {'params': rng}, images))
 
 
-def _load_npz(path: str) -> dict:
-  try:
-    with np.load(path) as arrays:
-      return dict(arrays)
-  except FileNotFoundError:
-    raise FileNotFoundError(f'state dict not found: {path}') from None
-  except Exception as e:
-    raise ValueError(f'{path} is not a readable .npz state dict: {e}') from e
-
-
 def load_pretrained(path: str, model, reference: dict) -> dict:
   """Variables from a PyTorch state dict (.pth/.pt, or `.npz` of its arrays by name), a Flax
   `.msgpack` file or an orbax run/checkpoint directory.
@@ -233,10 +223,8 @@ def load_pretrained(path: str, model, reference: dict) -> dict:
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path) or path.endswith('.msgpack'):
     loaded = convert.load_flax_variables(path)
-  elif path.endswith(('.pth', '.pt')):
+  elif path.endswith(('.pth', '.pt', '.npz')):
     loaded = convert.torch_to_flax(convert.load_torch_file(path), model)
-  elif path.endswith('.npz'):
-    loaded = convert.torch_to_flax(_load_npz(path), model)
   else:
     raise ValueError(f'{path!r}: expected a .pth/.pt file, a .npz state dict, a .msgpack file '
                      'or an orbax directory')
