@@ -18,7 +18,8 @@ binary layers and the BatchNorms by their packed forms, so the network structure
 duplicated here. Binary layers compute `Σ sign(x)·sign(w)` as XNOR-popcount over uint32 words
 with a nonzero bit-plane for the activations, which handles sign(0) = 0 exactly, including the
 zero padding of convs (padded positions carry nonzero = 0) and the unused tail bits of the last
-word. The attention products q·kᵀ and P·v have no weights and run as in the float model.
+word. Activations are packed before a conv's im2col (each tap's channels in words of their own;
+the weights are regrouped to match), so the patches gather uint32 words instead of floats. The attention products q·kᵀ and P·v have no weights and run as in the float model.
 """
 import json
 
@@ -42,11 +43,27 @@ FOLLOWING_NORM = {'dense': 'norm', 'query': 'normq', 'key': 'normk', 'value': 'n
 
 def pack_bits(bits):
   """bool `[..., K]` -> uint32 `[..., ceil(K/32)]`; element 32·i + j is bit j of word i."""
-  k = bits.shape[-1]
+  return _pack(bits)[0]
+
+
+def pack_signs(x):
+  """`[..., K]` -> the words of x > 0 and of x != 0, `pack_bits`' layout, read in one pass."""
+  return _pack(x > 0, x != 0)
+
+
+def _pack(*bits):
+  k = bits[0].shape[-1]
   words = -(-k // WORD_BITS)
-  bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, words * WORD_BITS - k)])
-  bits = bits.reshape(bits.shape[:-1] + (words, WORD_BITS)).astype(jnp.uint32)
-  return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+
+  def split(b):
+    b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, words * WORD_BITS - k)])
+    return b.reshape(b.shape[:-1] + (words, WORD_BITS)).astype(jnp.uint32) << shifts
+
+  # One variadic reduction: XLA reads the values once for all planes (two reductions read
+  # a [16, 56, 56, 512] activation twice, 5.6 vs 2.8 ms).
+  return jax.lax.reduce(tuple(split(b) for b in bits), (np.uint32(0),) * len(bits),
+                        lambda a, b: tuple(u | v for u, v in zip(a, b)), (bits[0].ndim,))
 
 
 def unpack_bits(words, k: int):
@@ -90,28 +107,47 @@ def im2col(x, k: int, stride: int, dilation: int, padding: int, groups: int):
 
 def _binary_layer(module, x, entry):
   """Packed replacement of a BinaryDense / BinaryConv call; `x` is its (unsigned) input."""
-  if isinstance(module, layers.BinaryDense):
-    cols, groups = x.reshape(x.shape[:x.ndim - module.channel_axes] + (1, -1)), 1
-  else:
-    groups = module.groups
-    cols = im2col(x, module.kernel_size, module.stride, module.dilation, module.padding, groups)
-  fan_in = cols.shape[-1]
-  w_sign = entry['sign'].reshape(groups, -1, entry['sign'].shape[-1])
-  w_nonzero = entry.get('nonzero')
-  if w_nonzero is not None:
-    w_nonzero = w_nonzero.reshape(w_sign.shape)
+  conv = isinstance(module, layers.BinaryConv)
+  groups = module.groups if conv else 1
+  # [..., groups, fan-in per group (conv: per tap)]
+  x = x.reshape(x.shape[:x.ndim - (1 if conv else module.channel_axes)] + (groups, -1))
   if module.input_bits == 1:
-    dot = xnor_popcount_dot(pack_bits(cols > 0), pack_bits(cols != 0), w_sign, w_nonzero)
+    taps = module.kernel_size ** 2 if conv else 1
+    w_sign, w_nonzero = (_tap_words(entry.get(k), taps, x.shape[-1], groups)
+                         for k in ('sign', 'nonzero'))
+    # Packing before the im2col gathers words, not floats, and zero padding gives words
+    # whose nonzero bits are all 0, which contribute nothing.
+    planes = pack_signs(x)
+    if conv:
+      planes = [_im2col(module, p.reshape(p.shape[:3] + (-1,))) for p in planes]
+    dot = xnor_popcount_dot(*planes, w_sign, w_nonzero)
   else:
-    signs = _signs(w_sign, w_nonzero, fan_in).astype(cols.dtype)
-    dot = jnp.einsum('...gk,gok->...go', cols, signs)
+    cols = _im2col(module, x.reshape(x.shape[:3] + (-1,))) if conv else x
+    signs = [unpack_bits(entry[k].reshape(groups, -1, entry[k].shape[-1]), cols.shape[-1])
+             for k in ('sign', 'nonzero') if k in entry]
+    signs = jnp.where(signs[0], 1, -1) * (signs[1] if len(signs) > 1 else 1)
+    dot = jnp.einsum('...gk,gok->...go', cols, signs.astype(cols.dtype))
   dot = dot.reshape(dot.shape[:-2] + (-1,)).astype(jnp.float32)
   return dot * entry['scale'].astype(jnp.float32) + entry['shift'].astype(jnp.float32)
 
 
-def _signs(w_sign, w_nonzero, fan_in):
-  signs = jnp.where(unpack_bits(w_sign, fan_in), 1, -1)
-  return signs if w_nonzero is None else signs * unpack_bits(w_nonzero, fan_in)
+def _im2col(module, x):
+  return im2col(x, module.kernel_size, module.stride, module.dilation, module.padding,
+                module.groups)
+
+
+def _tap_words(words, taps: int, fan_in: int, groups: int):
+  """`[O, ceil(taps·fan_in/32)]` words -> `[groups, O/groups, taps·ceil(fan_in/32)]`.
+
+  The file packs a conv's (kh, kw, c) fan-in contiguously; inference packs each tap's
+  channels into words of their own, so the taps of packed activations line up with it.
+  """
+  if words is None:
+    return None
+  if taps > 1 and fan_in % WORD_BITS:
+    bits = unpack_bits(words, taps * fan_in).reshape(words.shape[0], taps, fan_in)
+    words = pack_bits(bits).reshape(words.shape[0], -1)
+  return words.reshape(groups, -1, words.shape[-1])
 
 
 def _interceptor(packed):

@@ -49,12 +49,17 @@ def test_xnor_popcount_dense_equals_float_sign_matmul(weight_zeros):
   np.testing.assert_array_equal(np.asarray(got), expected)
 
 
-@pytest.mark.parametrize('kernel_size, stride, dilation, groups', [(3, 1, 3, 4), (2, 2, 1, 1)])
-def test_packed_conv_equals_float_binary_conv(kernel_size, stride, dilation, groups):
-  """Zero padding and exact zeros in the input must contribute sign(0) = 0, as in the float conv."""
+@pytest.mark.parametrize('kernel_size, stride, dilation, groups, channels',
+                         [(3, 1, 3, 4, 8), (2, 2, 1, 1, 8), (3, 2, 1, 2, 80)])
+def test_packed_conv_equals_float_binary_conv(kernel_size, stride, dilation, groups, channels):
+  """Zero padding and exact zeros in the input must contribute sign(0) = 0, as in the float conv.
+
+  Channels per group 2, 8 and 40: each tap's channels take one word, or a word and a partial
+  one, so the file's contiguous fan-in bits are regrouped per tap.
+  """
   conv = layers.BinaryConv(16, kernel_size, stride=stride, dilation=dilation, groups=groups,
                            padding=dilation if kernel_size == 3 else 0)
-  x = _ternary(jax.random.PRNGKey(1), (2, 10, 10, 8))
+  x = _ternary(jax.random.PRNGKey(1), (2, 10, 10, channels))
   variables = conv.init(jax.random.PRNGKey(2), x)
   expected = jax.jit(conv.apply)(variables, x)
   kernel = variables['params']['kernel']
