@@ -305,3 +305,24 @@ def test_recomputed_norm_residual_act_matches_plain(x64, channel_axes):
 
   got = run(Chain(model_lib.norm_residual_act))
   _assert_trees_close(got, run(plain))
+
+
+@pytest.mark.parametrize('size, window', [(14, 7), (7, 7), (12, 5), (10, 3)])
+def test_global_token_pooling_matches_reduce_window(x64, size, window):
+  """The view-summed average equals flax's zero-padded avg_pool, gradients included."""
+  x = jax.random.normal(jax.random.PRNGKey(size), (2, size, size, 3), jnp.float64)
+  a1 = jnp.asarray([0.0, 0.3, 1.0], jnp.float64)
+  pad = ((window // 2, window // 2),) * 2
+
+  def reduce_window(x, a1):
+    mx = nn.max_pool(x, (window, window), strides=(window, window), padding=pad)
+    avg = nn.avg_pool(x, (window, window), strides=(window, window), padding=pad,
+                      count_include_pad=True)
+    return (a1 * mx + (1 - a1) * avg).reshape(x.shape[0], -1, x.shape[-1])
+
+  view = lambda x, a1: model_lib.pool_global_tokens(x, window, a1)
+  np.testing.assert_allclose(view(x, a1), reduce_window(x, a1), rtol=1e-12, atol=1e-12)
+  loss = lambda f: lambda x, a1: jnp.sum(jnp.sin(f(x, a1)))
+  for got, want in zip(jax.grad(loss(view), (0, 1))(x, a1),
+                       jax.grad(loss(reduce_window), (0, 1))(x, a1)):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
