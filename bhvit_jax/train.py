@@ -165,25 +165,33 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
 
 
 def make_eval_step(model) -> Callable:
-  """`eval_step(state, batch) -> sums` of top-1/top-5 correct predictions, CE and examples
-  (mask-weighted). Top-5 is top-min(5, classes)."""
+  """`eval_step(state, batch) -> eval_sums` of the eval-mode model."""
 
   def eval_step(state: TrainState, batch):
     variables = {k: v for k, v in state.variables().items() if v}
-    logits = model.apply(variables, batch['image'], train=False).astype(jnp.float32)
-    mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
-    log_probs = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(log_probs, batch['label'][:, None], axis=-1)[:, 0]
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    in_top5 = jnp.any(top5 == batch['label'][:, None], axis=-1)
-    return {'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-            'correct5': jnp.sum(in_top5 * mask), 'loss': jnp.sum(nll * mask),
-            'count': jnp.sum(mask)}
+    return eval_sums(model.apply(variables, batch['image'], train=False), batch)
   return eval_step
 
 
-def evaluate(eval_step: Callable, state: TrainState, batches) -> dict:
-  """Top-1 and top-5 (%) and mean CE over one pass of `batches`."""
+def eval_sums(logits, batch) -> dict:
+  """Sums of top-1/top-5 correct predictions, CE and examples (mask-weighted) of one batch.
+
+  Top-5 is top-min(5, classes).
+  """
+  logits = logits.astype(jnp.float32)
+  mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+  log_probs = jax.nn.log_softmax(logits)
+  nll = -jnp.take_along_axis(log_probs, batch['label'][:, None], axis=-1)[:, 0]
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  in_top5 = jnp.any(top5 == batch['label'][:, None], axis=-1)
+  return {'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+          'correct5': jnp.sum(in_top5 * mask), 'loss': jnp.sum(nll * mask),
+          'count': jnp.sum(mask)}
+
+
+def evaluate(eval_step: Callable, state, batches) -> dict:
+  """Top-1 and top-5 (%) and mean CE over one pass of `batches` (`state`: eval_step's first
+  argument)."""
   totals = None
   for batch in batches:
     sums = eval_step(state, batch)
@@ -358,6 +366,14 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _stop_after(flag: _SigtermFlag, batches):
+  """`batches` until the flag is set (at least one, so an evaluation is never empty)."""
+  for batch in batches:
+    yield batch
+    if flag.is_set:
+      return
+
+
 def _resume(config, checkpoints, state, rng, block):
   """(state, rng, metrics history, train iterator) from the newest checkpoint, or fresh.
 
@@ -468,6 +484,14 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       config, process_index=eval_block[0], process_count=eval_block[1]))
   writer = MetricsWriter(workdir, history, active=primary)
 
+  def evaluate_unless_stopped(sigterm):
+    """The eval record, written; None when SIGTERM cut the evaluation short (not written)."""
+    result = evaluate(eval_step, state, _stop_after(sigterm, eval_batches()))
+    if sigterm.is_set:
+      return None
+    writer.write({'kind': 'eval', 'step': int(state.step), **result})
+    return result
+
   def save():
     if checkpoints.latest_step() == int(state.step):
       return  # a rerun of a finished run: that checkpoint exists already
@@ -510,8 +534,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
                         img_s=f"{record['images_per_sec']:.0f}")
         interval, last_log = [], now
       if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-        result = evaluate(eval_step, state, eval_batches())
-        writer.write({'kind': 'eval', 'step': done, **result})
+        evaluate_unless_stopped(sigterm)
         last_log = time.time()
       bar.update(1)
       stopped = sigterm.is_set or (should_stop is not None and should_stop(done))
@@ -526,13 +549,12 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       if stopped:
         break
 
-  summary = {'step': int(state.step), 'top1': None, 'plot': None}
-  if not stopped:
-    result = evaluate(eval_step, state, eval_batches())
-    writer.write({'kind': 'eval', 'step': int(state.step), **result})
-    save()
-    summary['top1'] = result['top1']
-  checkpoints.close()
+    summary = {'step': int(state.step), 'top1': None, 'plot': None}
+    if not stopped:
+      result = evaluate_unless_stopped(sigterm)
+      save()
+      summary['top1'] = result and result['top1']
+    checkpoints.close()  # waits for the last write, still under the SIGTERM flag
   writer.close()
   if primary:
     summary['plot'] = plots.plot_runs({'': writer.history},

@@ -1,4 +1,5 @@
-"""tools/evaluate.py against a direct numpy evaluation; tools/plot_training.py's PNG."""
+"""tools/evaluate.py (float and packed checkpoints) against a direct numpy evaluation;
+tools/plot_training.py's PNG."""
 import json
 import pathlib
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import convert
 from bhvit_jax import data as data_lib
+from bhvit_jax import packed
 from bhvit_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -133,6 +135,26 @@ def test_evaluate_cli_matches_direct_computation(tiny, tmp_path):
   assert result['top5'] == pytest.approx(want['top5'], abs=1e-9)
   assert result['top1'] <= result['top5']
   assert result['loss'] == pytest.approx(want['loss'], rel=1e-5)
+
+
+def test_evaluate_cli_runs_packed_files(tiny, tmp_path):
+  """A packed export is evaluated with the XNOR-popcount inference, on the same examples."""
+  config_path, config, model, variables, apply, _ = tiny
+  path, out = tmp_path / 'tiny.packed', tmp_path / 'result.json'
+  packed.save(packed.export(model, variables), path)
+  run = subprocess.run(
+      [sys.executable, 'tools/evaluate.py', '--config', config_path, '--checkpoint', str(path),
+       '--json', str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
+  _, arrays = packed.load(path)
+  want = _direct_metrics(config, jax.jit(lambda a, x: packed.apply(model, a, x)), arrays)
+  assert result['examples'] == want['examples'] == 500
+  assert result['top1'] == pytest.approx(want['top1'], abs=1e-9)
+  assert result['top5'] == pytest.approx(want['top5'], abs=1e-9)
+  assert result['loss'] == pytest.approx(want['loss'], rel=1e-5)
+  assert result['loss'] == pytest.approx(_direct_metrics(config, apply, variables)['loss'],
+                                         rel=1e-4)
 
 
 def _write_run(workdir, steps, loss0, flip):

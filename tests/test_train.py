@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import pathlib
+import signal
+import threading
 
 import flax.linen as nn
 import jax
@@ -84,6 +86,37 @@ def test_resume_is_bitwise_identical(tmp_path, tiny_model):
   # Records average their logging interval; the restart splits the one ending at step 4.
   assert losses_a[2] == losses_b[2] and losses_a[6] == losses_b[6]
   assert [2, 3, 4, 6] == sorted(losses_b)  # history before the restart was restored
+
+
+def test_sigterm_during_final_evaluation_keeps_the_last_step(tmp_path, tiny_model, monkeypatch):
+  """The final checkpoint is written under the SIGTERM flag and the rerun only evaluates."""
+  del tiny_model
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers need the main thread')
+  config = _config(eval_every_steps=0)
+  real_eval_iter = data_lib.build_eval_iter
+
+  def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    yield from real_eval_iter(*args, **kwargs)
+
+  monkeypatch.setattr(data_lib, 'build_eval_iter', signalled)
+  # Outside the loop's own handler SIGTERM is ignored, so a regression fails the asserts
+  # instead of killing the test process.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
+  try:
+    _, stopped = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert stopped['top1'] is None and stopped['step'] == 6
+  assert ckpt_lib.Checkpointer(str(tmp_path / 'b' / 'checkpoints'), 3, 3).latest_step() == 6
+  assert not [r for r in _records(tmp_path / 'b') if r['kind'] == 'eval']
+  monkeypatch.setattr(data_lib, 'build_eval_iter', real_eval_iter)
+  resumed, rerun = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  straight, summary = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  assert rerun['top1'] == summary['top1'] is not None
+  for a, b in zip(_leaves(straight), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
 
 
 def _records(workdir):

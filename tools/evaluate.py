@@ -4,12 +4,17 @@ r"""Top-1, top-5 and mean cross-entropy of a checkpoint on one split of the conf
   python tools/evaluate.py --config configs/bhvit_tiny.py --checkpoint bhvit_tiny.pth \
       --config.data.data_dir=/data/imagenet --split eval --json result.json
 
+  python tools/evaluate.py --config configs/demo.py --checkpoint demo.packed
+
 --checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train`, a `.msgpack` of
-Flax variables, or a PyTorch `.pth`/`.pt` of the official BHViT. --split: 'eval' (the config's
-data.eval_split, default), 'train' (data.train_split, with the eval transform) or a split name.
-It uses the training loop's eval step (train.make_eval_step / train.evaluate).
+Flax variables, a PyTorch `.pth`/`.pt` (or numpy `.npz`) state dict of the official BHViT, or a
+bit-packed file of tools/export_packed.py (any other name; evaluated with the XNOR-popcount
+inference, the fastest on CPU). --split: 'eval' (the config's data.eval_split, default), 'train'
+(data.train_split, with the eval transform) or a split name. It uses the training loop's
+evaluation (train.eval_sums / train.evaluate).
 """
 import json
+import os
 
 from absl import app
 from absl import flags
@@ -17,9 +22,11 @@ import jax
 import optax
 
 from bhvit_jax import data as data_lib
+from bhvit_jax import packed
 from bhvit_jax import train
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'orbax directory, .msgpack or .pth')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                  'orbax directory, .msgpack, .pth/.pt/.npz or packed file')
 _SPLIT = flags.DEFINE_string('split', 'eval', "'eval', 'train' or a split name")
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'evaluation batch (0: config.batch_size)')
 _JSON = flags.DEFINE_string('json', '', 'also write the result as JSON to this path')
@@ -35,11 +42,28 @@ def split_name(config, split: str) -> str:
 def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0
                         ) -> dict:
   """{'top1', 'top5' (%), 'loss', 'examples', 'split', 'checkpoint'} of `checkpoint`."""
+  if os.path.isfile(checkpoint) and not checkpoint.endswith(FLOAT_FILES):
+    model, arrays = packed.load(checkpoint)
+    step, state = jax.jit(lambda a, batch: train.eval_sums(
+        packed.apply(model, a, batch['image']), batch)), arrays
+  else:
+    model, state = _float_model_state(config, checkpoint)
+    step = jax.jit(train.make_eval_step(model))
+  _check_data(config, model)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.eval_split = split_name(config, split)
+    if batch_size:
+      config.eval_batch_size = batch_size
+  result = train.evaluate(step, state, data_lib.build_eval_iter(config))
+  return {'checkpoint': checkpoint, 'split': config.data.eval_split, **result}
+
+
+FLOAT_FILES = ('.msgpack', '.pth', '.pt', '.npz')
+
+
+def _float_model_state(config, checkpoint: str):
   model = train.build_model(config.model, config.compute_dtype)
-  classes = data_lib.num_classes(config)
-  if classes != model.num_classes:
-    raise ValueError(f'model.num_classes={model.num_classes} but data set '
-                     f'{config.data.name!r} has {classes} classes')
   # Shapes suffice to check the checkpoint; initializing BHViT for real compiles slowly.
   reference = jax.eval_shape(lambda rng: train.init_variables(model, rng), jax.random.PRNGKey(0))
   variables = train.load_pretrained(checkpoint, model, reference)
@@ -47,17 +71,19 @@ def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size
              if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(v))]
   if missing:
     raise ValueError(f'checkpoint {checkpoint} lacks the variable collections {missing}')
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.eval_split = split_name(config, split)
-    if batch_size:
-      config.eval_batch_size = batch_size
   # The variables travel as jit arguments (inside the state): closing over them would let XLA
   # constant-fold the binarization, whose rounding can flip signs.
-  state = train.create_train_state(variables, optax.identity())
-  eval_step = jax.jit(train.make_eval_step(model))
-  result = train.evaluate(eval_step, state, data_lib.build_eval_iter(config))
-  return {'checkpoint': checkpoint, 'split': config.data.eval_split, **result}
+  return model, train.create_train_state(variables, optax.identity())
+
+
+def _check_data(config, model):
+  classes = data_lib.num_classes(config)
+  if classes != model.num_classes:
+    raise ValueError(f'model.num_classes={model.num_classes} but data set '
+                     f'{config.data.name!r} has {classes} classes')
+  if model.image_size != config.data.image_size:
+    raise ValueError(f'the model takes {model.image_size}² images but the config prepares '
+                     f'{config.data.image_size}² (set --config.data.image_size)')
 
 
 def format_table(result: dict) -> str:
