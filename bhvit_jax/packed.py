@@ -19,7 +19,8 @@ duplicated here. Binary layers compute `Σ sign(x)·sign(w)` as XNOR-popcount ov
 with a nonzero bit-plane for the activations, which handles sign(0) = 0 exactly, including the
 zero padding of convs (padded positions carry nonzero = 0) and the unused tail bits of the last
 word. Activations are packed before a conv's im2col (each tap's channels in words of their own;
-the weights are regrouped to match), so the patches gather uint32 words instead of floats. The attention products q·kᵀ and P·v have no weights and run as in the float model.
+the weights are regrouped to match), so the patches gather uint32 words instead of floats.
+The attention products q·kᵀ and P·v have no weights and run as in the float model.
 """
 import json
 
@@ -262,7 +263,11 @@ def save(tree, path):
 def load(path):
   """Reads a packed file -> (BHViT, arrays for `apply`)."""
   with open(path, 'rb') as f:
-    tree = flax.serialization.msgpack_restore(f.read())
+    data = f.read()
+  try:
+    tree = flax.serialization.msgpack_restore(data)
+  except Exception:  # pylint: disable=broad-except  (msgpack has several error types)
+    tree = None
   if not isinstance(tree, dict) or tree.get('format') != FORMAT:
     raise ValueError(f'{path} is not a packed BHViT file (expected format {FORMAT!r})')
   model = model_lib.from_config(json.loads(tree['model']))

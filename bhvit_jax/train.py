@@ -568,8 +568,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 
 
 # Failures caused by the config, the data or the files given: reported as one `error:` line.
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError,
-                NotImplementedError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError,
+               NotImplementedError)
 
 
 def main(argv):
@@ -580,7 +580,7 @@ def main(argv):
     _, summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except NonFiniteError as e:
     config_lib.fail(str(e), code=1)
-  except _USER_ERRORS as e:
+  except USER_ERRORS as e:
     logging.debug('traceback of the error below', exc_info=True)
     config_lib.fail(str(e))
   if summary['top1'] is None:

@@ -97,8 +97,9 @@ def test_packed_fixture_model_size_and_logits(fixture, tmp_path):
   assert reference.rel_error(got, want) <= 1e-5
 
 
-def test_load_rejects_other_files(tmp_path):
+@pytest.mark.parametrize('content', [b'\x80', b'\xc1garbage', b''])
+def test_load_rejects_other_files(tmp_path, content):
   path = tmp_path / 'x.bin'
-  path.write_bytes(b'\x80')
+  path.write_bytes(content)
   with pytest.raises(ValueError, match='not a packed BHViT file'):
     packed.load(path)

@@ -21,6 +21,7 @@ from absl import flags
 import jax
 import optax
 
+from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
 from bhvit_jax import packed
 from bhvit_jax import train
@@ -42,6 +43,8 @@ def split_name(config, split: str) -> str:
 def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0
                         ) -> dict:
   """{'top1', 'top5' (%), 'loss', 'examples', 'split', 'checkpoint'} of `checkpoint`."""
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f'checkpoint {checkpoint} not found')
   if os.path.isfile(checkpoint) and not checkpoint.endswith(FLOAT_FILES):
     model, arrays = packed.load(checkpoint)
     step, state = jax.jit(lambda a, batch: train.eval_sums(
@@ -97,7 +100,10 @@ def format_table(result: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value)
+  try:
+    result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value)
+  except train.USER_ERRORS as e:
+    config_lib.fail(str(e))
   print(format_table(result))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
