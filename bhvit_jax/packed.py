@@ -124,12 +124,17 @@ def _binary_layer(module, x, entry):
     dot = xnor_popcount_dot(*planes, w_sign, w_nonzero)
   else:
     cols = _im2col(module, x.reshape(x.shape[:3] + (-1,))) if conv else x
-    signs = [unpack_bits(entry[k].reshape(groups, -1, entry[k].shape[-1]), cols.shape[-1])
-             for k in ('sign', 'nonzero') if k in entry]
-    signs = jnp.where(signs[0], 1, -1) * (signs[1] if len(signs) > 1 else 1)
+    signs = _signs(entry, groups, cols.shape[-1])
     dot = jnp.einsum('...gk,gok->...go', cols, signs.astype(cols.dtype))
   dot = dot.reshape(dot.shape[:-2] + (-1,)).astype(jnp.float32)
   return dot * entry['scale'].astype(jnp.float32) + entry['shift'].astype(jnp.float32)
+
+
+def _signs(entry, groups: int, fan_in: int):
+  """An entry's weight signs (±1, or 0 where its nonzero bit is clear) `[groups, O/groups, K]`."""
+  unpack = lambda k: unpack_bits(entry[k].reshape(groups, -1, entry[k].shape[-1]), fan_in)
+  signs = jnp.where(unpack('sign'), 1, -1)
+  return signs * unpack('nonzero') if 'nonzero' in entry else signs
 
 
 def _im2col(module, x):

@@ -40,6 +40,9 @@ def split_name(config, split: str) -> str:
   return {'eval': config.data.eval_split, 'train': config.data.train_split}.get(split, split)
 
 
+FLOAT_FILES = ('.msgpack', '.pth', '.pt', '.npz')
+
+
 def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0
                         ) -> dict:
   """{'top1', 'top5' (%), 'loss', 'examples', 'split', 'checkpoint'} of `checkpoint`."""
@@ -60,9 +63,6 @@ def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size
       config.eval_batch_size = batch_size
   result = train.evaluate(step, state, data_lib.build_eval_iter(config))
   return {'checkpoint': checkpoint, 'split': config.data.eval_split, **result}
-
-
-FLOAT_FILES = ('.msgpack', '.pth', '.pt', '.npz')
 
 
 def _float_model_state(config, checkpoint: str):
