@@ -11,7 +11,7 @@ Variants (get_config argument, `--config configs/bhvit_tiny.py:paper`):
 Hardware / time: the reference trained on 2 GPUs × 128 images for 100 epochs (~500k steps of
 batch 256); expect several days on one modern GPU with compute_dtype='bfloat16'.
 Memory: --config.model.remat_stages='(1,)' recomputes stage 1's blocks (the largest
-activations) in the backward pass: on CPU at batch 16, peak 4.5 → 3.8 GiB for ~10% more time;
+activations) in the backward pass: on CPU at batch 16, peak 4.5 → 3.8 GiB for 2–10% more time;
 listing more stages trades further (docs/performance.md).
 Expected: ImageNet-1k top-1 66.0% (some_fp=True, the released model; 64.0% all binary).
 The teacher is the paper's DeiT-small (`bhvit_jax.deit`), loaded from a timm-format .pth
