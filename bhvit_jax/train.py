@@ -216,6 +216,14 @@ def build_model(model_config, compute_dtype: str = 'float32'):
   return model_lib.from_config(fields)
 
 
+def check_num_classes(config, model):
+  """Raises ValueError when the model's classifier does not match the config's data set."""
+  classes = data_lib.num_classes(config)
+  if classes != model.num_classes:
+    raise ValueError(f'model.num_classes={model.num_classes} but data set '
+                     f'{config.data.name!r} has {classes} classes')
+
+
 def init_variables(model, rng) -> dict:
   images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(
@@ -445,10 +453,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   primary = sharding_lib.is_primary()
   os.makedirs(workdir, exist_ok=True)
   model = build_model(config.model, config.compute_dtype)
-  classes = data_lib.num_classes(config)
-  if classes != model.num_classes:
-    raise ValueError(f'model.num_classes={model.num_classes} but data set '
-                     f'{config.data.name!r} has {classes} classes')
+  check_num_classes(config, model)
   steps_per_epoch = max(data_lib.num_train_examples(config) // config.batch_size, 1)
   total_steps = _total_steps(config, steps_per_epoch)
   reg_in_loss = config.optim.get('reg_placement', 'optimizer') == 'loss'

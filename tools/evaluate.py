@@ -80,10 +80,7 @@ def _float_model_state(config, checkpoint: str):
 
 
 def _check_data(config, model):
-  classes = data_lib.num_classes(config)
-  if classes != model.num_classes:
-    raise ValueError(f'model.num_classes={model.num_classes} but data set '
-                     f'{config.data.name!r} has {classes} classes')
+  train.check_num_classes(config, model)
   if model.image_size != config.data.image_size:
     raise ValueError(f'the model takes {model.image_size}² images but the config prepares '
                      f'{config.data.image_size}² (set --config.data.image_size)')
