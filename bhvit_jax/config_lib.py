@@ -15,7 +15,15 @@ from absl import flags
 USAGE_ERROR = 2  # as argparse: the command line or the config is wrong
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+  """Bad input from the user (a flag, a file, a value): reported as one `error:` line, exit 2.
+
+  Raised where the input is read; defects inside the library raise anything else and keep
+  their traceback.
+  """
+
+
+class ConfigError(UserError):
   """The configuration names an unknown key or holds an unusable value."""
 
 
