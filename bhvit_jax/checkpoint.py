@@ -12,13 +12,16 @@ from typing import Any, Optional, Tuple
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from bhvit_jax import config_lib
 
 PyTree = Any
 
 
-class ShapeMismatchError(ValueError):
+class ShapeMismatchError(config_lib.UserError):
   """The checkpoint was written by a model/optimizer of another shape."""
 
 
@@ -45,6 +48,26 @@ def _decode_meta(value):
   return value
 
 
+def raise_mismatch(what: str, problems: list):
+  """Raises ShapeMismatchError with the one mismatch listing every loader uses (no-op when
+  `problems` is empty): one line per name, at most 40 shown."""
+  if not problems:
+    return
+  shown = problems[:40] + ([f'  ... and {len(problems) - 40} more'] if len(problems) > 40 else [])
+  raise ShapeMismatchError(
+      f'{what} does not match the current model/optimizer configuration '
+      f'({len(problems)} mismatches); was it written with another model config? Nothing on '
+      'disk was changed.\n' + '\n'.join(shown))
+
+
+def mismatch_lines(stored: dict, target: dict) -> list:
+  """Listing lines for flat {name: shape} dicts of a checkpoint and of the model."""
+  lines = [f'  {k}: checkpoint {stored[k]} vs model {target[k]}'
+           for k in sorted(stored.keys() & target.keys()) if stored[k] != target[k]]
+  lines += [f'  {k}: missing in checkpoint' for k in sorted(target.keys() - stored.keys())]
+  return lines + [f'  {k}: not in the model' for k in sorted(stored.keys() - target.keys())]
+
+
 def _flat_shapes(tree) -> dict:
   flat = flax.traverse_util.flatten_dict(tree, sep='/') if isinstance(tree, dict) else {}
   return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
@@ -52,18 +75,7 @@ def _flat_shapes(tree) -> dict:
 
 def check_shapes(stored: dict, target: dict, what: str):
   """Raises ShapeMismatchError listing every leaf whose shape or presence differs."""
-  stored, target = _flat_shapes(stored), _flat_shapes(target)
-  problems = [f'  {k}: checkpoint {stored[k]} vs model {target[k]}'
-              for k in sorted(stored.keys() & target.keys()) if stored[k] != target[k]]
-  problems += [f'  {k}: missing in checkpoint' for k in sorted(target.keys() - stored.keys())]
-  problems += [f'  {k}: not in the model' for k in sorted(stored.keys() - target.keys())]
-  if problems:
-    shown = problems[:40] + ([f'  ... and {len(problems) - 40} more'] if len(problems) > 40 else [])
-    raise ShapeMismatchError(
-        f'{what} does not match the current model/optimizer configuration '
-        f'({len(problems)} mismatches); was it written with another model config? Nothing on '
-        'disk was changed.\n'
-        + '\n'.join(shown))
+  raise_mismatch(what, mismatch_lines(_flat_shapes(stored), _flat_shapes(target)))
 
 
 def _item_handlers():
@@ -158,3 +170,65 @@ def load_variables(directory: str, step: Optional[int] = None) -> dict:
   variables = restored.get('train', restored)  # train.py saves {'train': TrainState, 'rng': key}
   return {k: jax.tree_util.tree_map(np.asarray, variables.get(k) or {})
           for k in ('params', 'batch_stats', 'quant_state')}
+
+
+FLOAT_FILES = ('.msgpack', '.pth', '.pt', '.npz')
+
+
+def split_spec(spec: str) -> Tuple[str, Optional[int]]:
+  """'WORKDIR:1200' -> (WORKDIR, 1200); 'WORKDIR:latest' and anything else -> (path, None)."""
+  path, sep, suffix = str(spec).rpartition(':')
+  if sep and os.path.isdir(path):
+    if suffix.isdigit():
+      return path, int(suffix)
+    if suffix == 'latest':
+      return path, None
+    raise config_lib.UserError(f"unknown checkpoint step {suffix!r} in {spec} (expected "
+                               "WORKDIR, WORKDIR:<step> or WORKDIR:latest)")
+  return str(spec), None
+
+
+def is_packed_file(spec: str) -> bool:
+  """A file of tools/export_packed.py (any name that no float format claims)."""
+  return os.path.isfile(spec) and not str(spec).endswith(FLOAT_FILES)
+
+
+def _read_variables(path: str, step: Optional[int], model) -> dict:
+  from bhvit_jax import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'checkpoint not found: {path}')
+  if os.path.isdir(path):
+    return load_variables(path, step)
+  if path.endswith('.msgpack'):
+    return convert.load_flax_variables(path)
+  if path.endswith(('.pth', '.pt', '.npz')):
+    return convert.torch_to_flax(convert.load_torch_file(path), model)
+  raise config_lib.UserError(f'{path}: a bit-packed file holds no latent weights; expected a '
+                             f'run directory, WORKDIR:<step> or a {"/".join(FLOAT_FILES)} file')
+
+
+def load_any(spec: str, model, reference: Optional[dict] = None) -> dict:
+  """Float variables of `model` from any checkpoint the project reads.
+
+  `spec`: a training run or checkpoints directory (newest step), `WORKDIR:<step>`, a Flax
+  `.msgpack`, or a PyTorch `.pth`/`.pt`/`.npz` state dict of the official BHViT. `reference`
+  (variables or `jax.eval_shape` structs; default: the model's) fixes the collections and
+  shapes; collections the checkpoint lacks keep the reference's. Raises ShapeMismatchError with
+  the one mismatch listing.
+  """
+  if reference is None:
+    from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    reference = jax.eval_shape(lambda rng: model_lib.init_variables(model, rng),
+                               jax.random.PRNGKey(0))
+  path, step = split_spec(spec)
+  loaded = {k: v for k, v in _read_variables(path, step, model).items() if k in reference and v}
+  if 'params' not in loaded:
+    raise config_lib.UserError(f'checkpoint {spec} contains no params')
+  check_shapes(loaded, {k: reference[k] for k in loaded}, f'checkpoint {spec}')
+  merged = dict(reference)
+  merged.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in loaded.items()})
+  absent = [k for k, v in merged.items()
+            if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(v))]
+  if absent:
+    raise config_lib.UserError(f'checkpoint {spec} lacks the variable collections {absent}')
+  return merged

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bhvit_jax import checkpoint
 from bhvit_jax import model as model_lib
 
 # Flax collection of every PyTorch buffer name.
@@ -94,7 +95,7 @@ def torch_to_flax(state_dict, model: model_lib.BHViT, dtype=None):
   """PyTorch state dict (name -> array/tensor) -> Flax variables for `model`.
 
   Raises:
-    ValueError listing every missing, unexpected and mis-shaped name.
+    checkpoint.ShapeMismatchError listing every missing, unexpected and mis-shaped name.
   """
   state = {k: _numpy(v) for k, v in unwrap_checkpoint(state_dict).items()}
   shapes = variable_shapes(model)
@@ -103,17 +104,18 @@ def torch_to_flax(state_dict, model: model_lib.BHViT, dtype=None):
     for path, spec in flat.items():
       name = torch_name(path)
       if name not in state:
-        missing.append(name)
+        missing.append(f'  {name}: missing in checkpoint')
         continue
       value = state.pop(name)
       want = _torch_shape(path, spec.shape)
       if tuple(value.shape) != tuple(want):
-        wrong.append(f'{name}: checkpoint {tuple(value.shape)} vs model {tuple(want)}')
+        wrong.append(f'  {name}: checkpoint {tuple(value.shape)} vs model {tuple(want)}')
         continue
       value = _from_torch_layout(path, value, spec.shape)
       cast = spec.dtype if dtype is None or not jnp.issubdtype(spec.dtype, jnp.floating) else dtype
       out.setdefault(col, {})[path] = np.asarray(value, dtype=cast)
-  _raise_mismatch(missing, sorted(state), wrong)
+  checkpoint.raise_mismatch('the PyTorch state dict', wrong + missing + [
+      f'  {name}: not in the model' for name in sorted(state)])
   return {col: flax.traverse_util.unflatten_dict(flat) for col, flat in out.items()}
 
 
@@ -129,20 +131,6 @@ def flax_to_torch(variables):
         value = value.astype(np.int64)
       state[torch_name(path)] = _to_torch_layout(path, value)
   return state
-
-
-def _raise_mismatch(missing, unexpected, wrong):
-  if not (missing or unexpected or wrong):
-    return
-  lines = []
-  for title, items in (('missing in checkpoint', missing), ('not in model', unexpected),
-                       ('shape mismatch', wrong)):
-    if items:
-      lines.append(f'{title} ({len(items)}):')
-      lines.extend(f'  {item}' for item in items[:50])
-      if len(items) > 50:
-        lines.append(f'  ... and {len(items) - 50} more')
-  raise ValueError('checkpoint does not match this BHViT configuration:\n' + '\n'.join(lines))
 
 
 def _numpy(value):
@@ -195,7 +183,6 @@ def save_flax_file(variables, path):
 def load_flax_variables(path):
   """Variables from a `.msgpack` file or an orbax run directory of `bhvit_jax.train`."""
   if os.path.isdir(path):
-    from bhvit_jax import checkpoint
     return checkpoint.load_variables(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'no Flax variables at {path}')

@@ -9,6 +9,7 @@ Variable collections: `params`; `batch_stats` (BatchNorm running statistics);
 maps: softmax probabilities and gsb scales, when `apply(..., mutable=['intermediates'])`).
 """
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax
@@ -381,12 +382,42 @@ class PatchEmbeddings(nn.Module):
     return nn.gelu(x, approximate=False)
 
 
+# Model sizes by name: a new size is one line here (configs, tools and benchmarks read it).
+VARIANTS = {
+    'demo': dict(hidden_sizes=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
+                 mlp_sizes=(128, 256, 256, 512)),
+    'tiny': dict(hidden_sizes=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 1, 4, 8),
+                 mlp_sizes=(512, 1024, 1024, 2048)),
+    'small': dict(hidden_sizes=(64, 128, 256, 512), depths=(3, 4, 8, 4), num_heads=(1, 1, 4, 8),
+                  mlp_sizes=(512, 1024, 1024, 2048)),
+}
+
+
+def variant(name: str) -> dict:
+  """The size fields of a named variant (a copy; see VARIANTS)."""
+  if name not in VARIANTS:
+    raise ValueError(f'unknown model variant {name!r}; known: {", ".join(sorted(VARIANTS))}')
+  return dict(VARIANTS[name])
+
+
+def resolve_split_groups(value) -> bool:
+  """`split_groups` as used: 'auto' is per-group on CPU (XLA:CPU's grouped convolution is
+  ~20x slower than one convolution per group) and grouped elsewhere."""
+  if isinstance(value, str):
+    if value.lower() == 'auto':
+      return jax.default_backend() == 'cpu'
+    if value.lower() in ('true', 'false'):
+      return value.lower() == 'true'
+    raise ValueError(f"split_groups={value!r} must be True, False or 'auto'")
+  return bool(value)
+
+
 class BHViT(nn.Module):
   """The Binarized Hybrid Vision Transformer (defaults: BHViT-tiny, published flags)."""
-  hidden_sizes: Sequence[int] = (64, 128, 256, 512)
-  depths: Sequence[int] = (2, 2, 6, 2)
-  num_heads: Sequence[int] = (1, 1, 4, 8)
-  mlp_sizes: Sequence[int] = (512, 1024, 1024, 2048)
+  hidden_sizes: Sequence[int] = VARIANTS['tiny']['hidden_sizes']
+  depths: Sequence[int] = VARIANTS['tiny']['depths']
+  num_heads: Sequence[int] = VARIANTS['tiny']['num_heads']
+  mlp_sizes: Sequence[int] = VARIANTS['tiny']['mlp_sizes']
   num_classes: int = 1000
   image_size: int = 224
   patch_size: int = 4
@@ -401,14 +432,14 @@ class BHViT(nn.Module):
   recu: bool = False
   disable_layerscale: bool = False
   drop_path: float = 0.0
-  split_groups: bool = False
+  split_groups: Any = 'auto'  # True, False or 'auto' (resolve_split_groups)
   remat_stages: Sequence[int] = ()  # stages (1-4) recomputed in the backward pass: less memory
   dtype: Any = None
 
   def spec(self) -> BlockSpec:
     return BlockSpec(self.weight_bits, self.input_bits, self.norm, self.recu, self.gsb,
                      self.shift3, self.shift5, not self.disable_layerscale, self.window_size,
-                     self.split_groups, self.dtype)
+                     resolve_split_groups(self.split_groups), self.dtype)
 
   @nn.compact
   def __call__(self, images, train: bool = False, calibrate: bool = False):
@@ -476,6 +507,10 @@ def validate(m: BHViT):
     errors.append(f'image_size={m.image_size}: the stage-3/4 grids '
                   f'{m.image_size // (m.patch_size * 4)} and {m.image_size // (m.patch_size * 8)}'
                   f' must be divisible by window_size={w}')
+  try:
+    resolve_split_groups(m.split_groups)
+  except ValueError as e:
+    errors.append(str(e))
   if not set(m.remat_stages) <= {1, 2, 3, 4}:
     errors.append(f'remat_stages={tuple(m.remat_stages)} must hold stage numbers 1-4')
   for name, value, allowed in (('weight_bits', m.weight_bits, (1, 32)),
@@ -504,6 +539,21 @@ def from_config(cfg) -> BHViT:
   model = BHViT(**cfg)
   validate(model)
   return model
+
+
+def build(model_config, compute_dtype: str = 'float32') -> BHViT:
+  """BHViT with float32 params and `compute_dtype` activations from `config.model`."""
+  fields = dict(model_config)
+  if compute_dtype != 'float32':
+    fields['dtype'] = compute_dtype
+  return from_config(fields)
+
+
+def init_variables(model: BHViT, rng) -> dict:
+  """Fresh variables of `model` (jitted init on one image)."""
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(
+      {'params': rng}, images))
 
 
 def calibrate(model: BHViT, variables, images):

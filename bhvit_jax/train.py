@@ -5,38 +5,35 @@ the same result as an uninterrupted run on CPU: the data order, dropout keys and
 state are all functions of the step). Writes WORKDIR/metrics.jsonl, TensorBoard events in
 WORKDIR/tb and WORKDIR/training.png.
 
-Reusable pieces: `create_train_state`, `make_train_step`, `make_eval_step`, `evaluate`.
+Reusable pieces: `build_train_step` (a config's step as the loop runs it), `create_train_state`,
+`make_train_step`, `make_eval_step`, `evaluate`. The command line is `bhvit_jax.main`.
 """
-import ctypes
+import dataclasses
 import functools
-import importlib.util
 import itertools
-import json
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable, Optional
 
-from absl import app
-from absl import flags
-from absl import logging as absl_logging
 import flax
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 
 from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
+from bhvit_jax import hostmem
 from bhvit_jax import losses
+from bhvit_jax import metrics as metrics_lib
 from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import plots
 from bhvit_jax import sharding as sharding_lib
+from bhvit_jax import teachers
 
 PyTree = Any
 
@@ -164,6 +161,35 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
   return train_step
 
 
+@dataclasses.dataclass
+class Recipe:
+  """What a config's training needs besides data: the model, optimizer, schedules, teacher and
+  the pure (unjitted) train step."""
+  model: Any
+  tx: optax.GradientTransformation
+  lr_fn: Callable
+  beta_fn: Callable
+  teacher_model: Any
+  teacher_variables: Optional[PyTree]
+  train_step: Callable
+
+
+def build_train_step(config, *, total_steps: int, steps_per_epoch: int,
+                     global_batch_size: Optional[int] = None) -> Recipe:
+  """The train step of `config` exactly as the training loop runs it (for the loop, the
+  benchmark and cross-framework checks)."""
+  model = model_lib.build(config.model, config.compute_dtype)
+  reg_in_loss = config.optim.get('reg_placement', 'optimizer') == 'loss'
+  tx, lr_fn, beta_fn = optim.build_optimizer(
+      config.optim, global_batch_size=global_batch_size or config.batch_size,
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      reg_in_optimizer=not reg_in_loss)
+  teacher_model, teacher_variables = teachers.build(config)
+  step = make_train_step(model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
+                         reg_in_loss=reg_in_loss, teacher_model=teacher_model)
+  return Recipe(model, tx, lr_fn, beta_fn, teacher_model, teacher_variables, step)
+
+
 def make_eval_step(model) -> Callable:
   """`eval_step(state, batch) -> eval_sums` of the eval-mode model."""
 
@@ -205,138 +231,18 @@ def evaluate(eval_step: Callable, state, batches) -> dict:
           'loss': float(totals['loss']) / count, 'examples': int(totals['count'])}
 
 
-# ------------------------------------------------------------- loading ---
-
-
-def build_model(model_config, compute_dtype: str = 'float32'):
-  """BHViT with float32 params and `compute_dtype` activations."""
-  fields = dict(model_config)
-  if compute_dtype != 'float32':
-    fields['dtype'] = compute_dtype
-  return model_lib.from_config(fields)
-
-
 def check_num_classes(config, model):
-  """Raises ValueError when the model's classifier does not match the config's data set."""
+  """Raises UserError when the model's classifier does not match the config's data set."""
   classes = data_lib.num_classes(config)
   if classes != model.num_classes:
-    raise ValueError(f'model.num_classes={model.num_classes} but data set '
-                     f'{config.data.name!r} has {classes} classes')
-
-
-def init_variables(model, rng) -> dict:
-  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(
-      {'params': rng}, images))
-
-
-def load_pretrained(path: str, model, reference: dict) -> dict:
-  """Variables from a PyTorch state dict (.pth/.pt, or `.npz` of its arrays by name), a Flax
-  `.msgpack` file or an orbax run/checkpoint directory.
-
-  Raises a ShapeMismatchError listing every leaf that differs from `reference`.
-  """
-  from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(path) or path.endswith('.msgpack'):
-    loaded = convert.load_flax_variables(path)
-  elif path.endswith(('.pth', '.pt', '.npz')):
-    loaded = convert.torch_to_flax(convert.load_torch_file(path), model)
-  else:
-    raise ValueError(f'{path!r}: expected a .pth/.pt file, a .npz state dict, a .msgpack file '
-                     'or an orbax directory')
-  loaded = {k: v for k, v in loaded.items() if k in reference and v}
-  if 'params' not in loaded:
-    raise ValueError(f'pretrained weights {path} contain no params')
-  ckpt_lib.check_shapes(loaded, {k: reference[k] for k in loaded}, f'pretrained weights {path}')
-  merged = dict(reference)
-  merged.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in loaded.items()})
-  return merged
+    raise config_lib.UserError(f'model.num_classes={model.num_classes} but data set '
+                               f'{config.data.name!r} has {classes} classes')
 
 
 def _needs_calibration(variables) -> bool:
   # As the reference: a quantizer calibrates on its first train forward iff its flag is 0.
   flags_ = jax.tree_util.tree_leaves(variables.get('quant_state', {}))
   return any(not bool(np.all(np.asarray(f))) for f in flags_)
-
-
-load_config_file = config_lib.load_config_file
-
-
-def _teacher_bhvit(teacher_config, student_config):
-  if not teacher_config.checkpoint:
-    raise ValueError("loss.teacher.kind='bhvit' needs loss.teacher.checkpoint (.pth or orbax dir)")
-  model_config = student_config.model
-  if teacher_config.get('config'):
-    model_config = load_config_file(teacher_config.config).model
-  model = build_model(model_config, student_config.compute_dtype)
-  reference = init_variables(model, jax.random.PRNGKey(0))
-  return model, load_pretrained(teacher_config.checkpoint, model, reference)
-
-
-def _teacher_deit(teacher_config, student_config):
-  from bhvit_jax import deit  # pylint: disable=g-import-not-at-top
-  return deit.build_teacher(teacher_config, student_config)
-
-
-TEACHERS = {'bhvit': _teacher_bhvit, 'deit': _teacher_deit}
-
-
-def build_teacher(config):
-  """(module, variables) of the distillation teacher, or (None, None) for kind 'none'."""
-  kind = config.loss.teacher.kind
-  if kind == 'none':
-    return None, None
-  if kind not in TEACHERS:
-    raise ValueError(f"unknown loss.teacher.kind {kind!r}; expected 'none' or one of "
-                     f'{sorted(TEACHERS)}')
-  return TEACHERS[kind](config.loss.teacher, config)
-
-
-# ------------------------------------------------------------- logging ---
-
-
-class MetricsWriter:
-  """metrics.jsonl (rewritten from the checkpointed history on resume) + TensorBoard.
-
-  Every process keeps the history (it is checkpointed); only an `active` one writes files.
-  """
-
-  def __init__(self, workdir: str, history: list, active: bool = True):
-    self.history = list(history)
-    self.active = active
-    if not active:
-      return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    with open(self.path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in self.history)
-    self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
-
-  def write(self, record: dict):
-    self.history.append(record)
-    if not self.active:
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-    prefix = record.get('kind', 'train')
-    for key, value in record.items():
-      if key not in ('step', 'kind') and isinstance(value, (int, float)):
-        self._tb.add_scalar(f'{prefix}/{key}', value, record['step'])
-    self._tb.flush()
-
-  def close(self):
-    if self.active:
-      self._tb.close()
-
-
-def _summarize(device_metrics: list) -> dict:
-  """Means over a logging interval of per-step metrics fetched from the device."""
-  host = sharding_lib.fetch(device_metrics)
-  record = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != 'step'}
-  record['train_top1'] *= 100.0
-  for key in ('nonfinite_in_row', 'nonfinite_total'):
-    record[key] = int(host[-1][key])
-  return record
 
 
 # ------------------------------------------------------------ the loop ---
@@ -408,19 +314,6 @@ def _calibrate(model, state: TrainState, images) -> TrainState:
   return state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
 
 
-def release_host_memory():
-  """Hands memory freed on the C heap back to the operating system.
-
-  Compiling the train step leaves ~1.5 GiB freed but resident in glibc's heap, where the
-  step's large buffers cannot reuse it; trimming once after the compile lowers the training
-  process's peak by that much. A no-op where `malloc_trim` does not exist.
-  """
-  try:
-    ctypes.CDLL(None).malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
 def _nonfinite_error(step, in_row, limit, checkpoints) -> NonFiniteError:
   last = checkpoints.latest_step()
   where = os.path.join(checkpoints.directory, str(last)) if last is not None else 'none'
@@ -452,20 +345,17 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       mesh, config.get('eval_batch_size') or config.batch_size)
   primary = sharding_lib.is_primary()
   os.makedirs(workdir, exist_ok=True)
-  model = build_model(config.model, config.compute_dtype)
-  check_num_classes(config, model)
   steps_per_epoch = max(data_lib.num_train_examples(config) // config.batch_size, 1)
   total_steps = _total_steps(config, steps_per_epoch)
-  reg_in_loss = config.optim.get('reg_placement', 'optimizer') == 'loss'
-  tx, lr_fn, beta_fn = optim.build_optimizer(
-      config.optim, global_batch_size=config.batch_size, total_steps=total_steps,
-      steps_per_epoch=steps_per_epoch, reg_in_optimizer=not reg_in_loss)
-  teacher_model, teacher_variables = build_teacher(config)
+  recipe = build_train_step(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  model, tx = recipe.model, recipe.tx
+  check_num_classes(config, model)
+  teacher_variables = recipe.teacher_variables
   rng = jax.random.PRNGKey(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  variables = init_variables(model, init_rng)
+  variables = model_lib.init_variables(model, init_rng)
   if config.get('init_from'):
-    variables = load_pretrained(config.init_from, model, variables)
+    variables = ckpt_lib.load_any(config.init_from, model, variables)
   state = create_train_state(variables, tx)
   state_shardings = sharding_lib.tree_shardings(mesh, state)
   teacher_shardings = sharding_lib.tree_shardings(mesh, teacher_variables)
@@ -478,16 +368,14 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   state, step_rng, history, train_iter = _resume(config, checkpoints, state, step_rng, block)
   start_step = int(sharding_lib.fetch(state.step))
 
-  train_step = sharding_lib.jit_train_step(
-      make_train_step(model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
-                      reg_in_loss=reg_in_loss, teacher_model=teacher_model),
-      mesh, state_shardings, teacher_shardings)
+  train_step = sharding_lib.jit_train_step(recipe.train_step, mesh, state_shardings,
+                                          teacher_shardings)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings, batch_sharding),
                       out_shardings=replicated)
   put_batch = functools.partial(sharding_lib.global_batch, mesh)
   eval_batches = lambda: map(put_batch, data_lib.build_eval_iter(
       config, process_index=eval_block[0], process_count=eval_block[1]))
-  writer = MetricsWriter(workdir, history, active=primary)
+  writer = metrics_lib.MetricsWriter(workdir, history, active=primary)
 
   def evaluate_unless_stopped(sigterm):
     """The eval record, written; None when SIGTERM cut the evaluation short (not written)."""
@@ -519,7 +407,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       batch = put_batch(next(batches))
       state, metrics = train_step(state, batch, step_rng, teacher_variables)
       if step == start_step:
-        release_host_memory()  # after the first call, which compiled the step
+        hostmem.release_host_memory()  # after the first call, which compiled the step
       interval.append(metrics)
       done = step + 1
       in_row = int(metrics['nonfinite_in_row'])
@@ -527,12 +415,12 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
         logging.warning('step %d: non-finite loss or gradients, update skipped (%d in a row)',
                         step, in_row)
       if in_row >= config.max_nonfinite_in_row:
-        writer.write({'kind': 'train', 'step': done, **_summarize(interval)})
+        writer.write({'kind': 'train', 'step': done, **metrics_lib.summarize(interval)})
         checkpoints.wait()
         raise _nonfinite_error(step, in_row, config.max_nonfinite_in_row, checkpoints)
       if done % log_every == 0 or done == total_steps:
         now = time.time()
-        record = {'kind': 'train', 'step': done, **_summarize(interval),
+        record = {'kind': 'train', 'step': done, **metrics_lib.summarize(interval),
                   'images_per_sec': len(interval) * config.batch_size / (now - last_log)}
         writer.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", top1=f"{record['train_top1']:.1f}",
@@ -548,7 +436,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       periodic = done % config.checkpoint_every_steps == 0 and done < total_steps and not in_row
       if stopped or periodic:
         if interval and stopped:
-          writer.write({'kind': 'train', 'step': done, **_summarize(interval)})
+          writer.write({'kind': 'train', 'step': done, **metrics_lib.summarize(interval)})
           interval = []
         save()
       if stopped:
@@ -567,35 +455,6 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   return state, summary
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
-
-
-# Failures caused by the config, the data or the files given: reported as one `error:` line.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError,
-               NotImplementedError)
-
-
-def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines drown the bar
-  try:
-    config_lib.validate(_CONFIG.value)
-    _, summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteError as e:
-    config_lib.fail(str(e), code=1)
-  except USER_ERRORS as e:
-    logging.debug('traceback of the error below', exc_info=True)
-    config_lib.fail(str(e))
-  if summary['top1'] is None:
-    print(f"stopped at step {summary['step']}; checkpoint saved, rerun the same command to "
-          'resume.')
-  else:
-    print(f"held-out top-1: {summary['top1']:.2f}%")
-  print(f"training plot: {summary['plot']}")
-
-
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=config_lib.parse_flags)
+  from bhvit_jax import main  # pylint: disable=g-import-not-at-top
+  main.run()

@@ -46,8 +46,9 @@ def test_mismatch_lists_missing_unexpected_and_shapes(public_state):
   with pytest.raises(ValueError) as err:
     convert.torch_to_flax(broken, model)
   text = str(err.value)
-  assert 'missing in checkpoint (1):' in text and 'layerA.0.GC.cov1.bias' in text
-  assert 'not in model (1):' in text and 'layerA.0.extra.weight' in text
+  assert '(3 mismatches)' in text
+  assert 'vit.encoder.layerA.0.GC.cov1.bias: missing in checkpoint' in text
+  assert 'vit.encoder.layerA.0.extra.weight: not in the model' in text
   assert 'classifier.weight: checkpoint (7, 512) vs model (10, 512)' in text
 
 

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
+from bhvit_jax import config_lib
 from bhvit_jax import deit
+from bhvit_jax import model as model_lib
+from bhvit_jax import teachers
 from bhvit_jax import train
 
 torch = pytest.importorskip('torch')
@@ -116,18 +119,18 @@ def test_conversion_names_every_problem():
 
 
 def test_distillation_run_with_deit_teacher(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, 'build_model', lambda *args: TinyStudent())
+  monkeypatch.setattr(model_lib, 'build', lambda *args: TinyStudent())
   path = tmp_path / 'deit_tiny.pth'
   sd = _timm_state_dict(np.random.default_rng(1), distilled=True)
   torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
-  config = train.load_config_file(str(REPO / 'configs' / 'demo.py'))
+  config = config_lib.load_config_file(str(REPO / 'configs' / 'demo.py'))
   config.update(batch_size=8, total_steps=2, log_every_steps=1, eval_every_steps=0,
                 checkpoint_every_steps=2)
   config.optim.warmup_steps = 0
   config.loss.update(ce_weight=0.0, distill_weight=1.0)
   config.loss.teacher.update(kind='deit', checkpoint=str(path), patch_size=PATCH,
                              embed_dim=DIM, depth=DEPTH, num_heads=HEADS)
-  teacher, _ = train.build_teacher(config)
+  teacher, _ = teachers.build(config)
   assert isinstance(teacher, deit.DeiT) and teacher.distilled
   _, summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
   records = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]

@@ -30,8 +30,8 @@ def _env(devices: int) -> dict:
 
 
 def _small_config():
-  from bhvit_jax import train  # pylint: disable=g-import-not-at-top
-  config = train.load_config_file(str(REPO / 'configs' / 'demo.py'))
+  from bhvit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(str(REPO / 'configs' / 'demo.py'))
   config.model.update(SMALL_MODEL)
   config.batch_size = 16
   config.optim.update(schedule='constant', weight_decay=0.05, reg_beta=0.1)
@@ -56,12 +56,12 @@ def equivalence_worker(out_dir: str):
 
   assert jax.device_count() == 8, jax.devices()
   config = _small_config()
-  model = train.build_model(config.model, 'float64')
+  model = model_lib.build(config.model, 'float64')
   tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=config.batch_size,
                                              total_steps=10)
   to64 = lambda x: x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
   variables = jax.tree_util.tree_map(
-      lambda x: to64(np.asarray(x)), train.init_variables(model, jax.random.PRNGKey(0)))
+      lambda x: to64(np.asarray(x)), model_lib.init_variables(model, jax.random.PRNGKey(0)))
   batches = [b for _, b in zip(range(STEPS), data_lib.build_train_iter(
       config, process_index=0, process_count=1))]
   # The LSQ calibration's statistics are global under any mesh as the BatchNorm ones; it is

@@ -12,18 +12,19 @@ import pytest
 
 from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import convert
+from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
+from bhvit_jax import model as model_lib
 from bhvit_jax import packed
-from bhvit_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The demo model shrunk so it compiles in seconds; evaluated on the 500 held-out digits.
 TINY_CONFIG = f'''
-from bhvit_jax import train
+from bhvit_jax import config_lib
 
 
 def get_config():
-  config = train.load_config_file({str(REPO / 'configs' / 'demo.py')!r})
+  config = config_lib.load_config_file({str(REPO / 'configs' / 'demo.py')!r})
   config.model.update(hidden_sizes=(8, 16, 32, 64), mlp_sizes=(16, 32, 64, 128),
                       num_heads=(1, 1, 2, 2))
   return config
@@ -34,7 +35,8 @@ POSITIVE = ('scale', 'alpha', 'a1', 'parm', 'prelu')
 
 def _random_variables(model, seed=0):
   """Variables of `model` drawn at random without running its (slow to compile) init."""
-  shapes = jax.eval_shape(lambda key: train.init_variables(model, key), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(lambda key: model_lib.init_variables(model, key),
+                          jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
 
   def fill(path, spec):
@@ -55,8 +57,8 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp('tiny')
   config_path = root / 'tiny.py'
   config_path.write_text(TINY_CONFIG)
-  config = train.load_config_file(str(config_path))
-  model = train.build_model(config.model)
+  config = config_lib.load_config_file(str(config_path))
+  model = model_lib.build(config.model)
   variables = _random_variables(model)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   # Random features share a large class-wise offset; removing it from the classifier bias
@@ -79,8 +81,9 @@ def tiny(tmp_path_factory):
 def test_every_checkpoint_format_loads_the_same_variables(tiny, kind):
   pytest.importorskip('torch')
   _, _, model, variables, _, paths = tiny
-  reference = jax.eval_shape(lambda key: train.init_variables(model, key), jax.random.PRNGKey(0))
-  loaded = train.load_pretrained(paths[kind], model, reference)
+  reference = jax.eval_shape(lambda key: model_lib.init_variables(model, key),
+                             jax.random.PRNGKey(0))
+  loaded = ckpt_lib.load_any(paths[kind], model, reference)
   want = jax.tree_util.tree_leaves_with_path(variables)
   got = dict(jax.tree_util.tree_leaves_with_path(loaded))
   assert len(got) == len(want)
@@ -90,13 +93,14 @@ def test_every_checkpoint_format_loads_the_same_variables(tiny, kind):
 
 def test_bad_npz_state_dict_names_the_file(tiny, tmp_path):
   model = tiny[2]
-  reference = jax.eval_shape(lambda key: train.init_variables(model, key), jax.random.PRNGKey(0))
+  reference = jax.eval_shape(lambda key: model_lib.init_variables(model, key),
+                             jax.random.PRNGKey(0))
   with pytest.raises(FileNotFoundError, match='missing.npz'):
-    train.load_pretrained(str(tmp_path / 'missing.npz'), model, reference)
+    ckpt_lib.load_any(str(tmp_path / 'missing.npz'), model, reference)
   corrupt = tmp_path / 'corrupt.npz'
   corrupt.write_bytes(b'not a zip archive')
   with pytest.raises(ValueError, match='corrupt.npz is not a readable .npz state dict'):
-    train.load_pretrained(str(corrupt), model, reference)
+    ckpt_lib.load_any(str(corrupt), model, reference)
 
 
 def _direct_metrics(config, apply, variables):

@@ -180,7 +180,7 @@ def test_short_run_lowers_loss():
   model = TinyNet()
   tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=16, total_steps=20)
   batch = next(data_lib.build_train_iter(config))
-  state = train.create_train_state(train.init_variables(model, jax.random.PRNGKey(0)), tx)
+  state = train.create_train_state(model_lib.init_variables(model, jax.random.PRNGKey(0)), tx)
   step = jax.jit(train.make_train_step(model, tx, loss_config=config.loss, lr_fn=lr_fn,
                                        beta_fn=beta_fn))
   seen, flips = [], []

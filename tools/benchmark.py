@@ -184,19 +184,24 @@ def jax_case(config, mode: str, batch: int, repeats: int, weights: str, compute_
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import hostmem  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from bhvit_jax import train  # pylint: disable=g-import-not-at-top
 
-  model = train.build_model(config.model, compute_dtype)
-  variables = train.init_variables(model, jax.random.PRNGKey(0))
+  config = config.copy_and_resolve_references()
+  config.compute_dtype = compute_dtype
+  model = model_lib.build(config.model, compute_dtype)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
   if weights and os.path.isfile(weights):
-    variables = train.load_pretrained(weights, model, variables)
+    variables = checkpoint.load_any(weights, model, variables)
   rng = np.random.RandomState(0)
   images = jnp.asarray(rng.randn(batch, model.image_size, model.image_size, 3), jnp.float32)
   labels = jnp.asarray(rng.randint(0, model.num_classes, batch), jnp.int32)
 
   start = time.perf_counter()
   if mode == 'train':
-    step, compiled = _jax_train_step(train, model, config, variables, images, labels, batch)
+    step, compiled = _jax_train_step(train, config, variables, images, labels, batch)
   elif mode == 'eval':
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
         variables, images).compile()
@@ -204,7 +209,7 @@ def jax_case(config, mode: str, batch: int, repeats: int, weights: str, compute_
   else:
     step, compiled = _jax_packed_step(model, variables, images)
   compile_s = time.perf_counter() - start
-  train.release_host_memory()  # as the training loop does after its first step
+  hostmem.release_host_memory()  # as the training loop does after its first step
   reset = reset_peak_rss()
   timing = time_steps(step, repeats)
   timing.compile_s = compile_s
@@ -227,18 +232,17 @@ def _step_buffers_gib(compiled):
   return total / GIB
 
 
-def _jax_train_step(train, model, config, variables, images, labels, batch):
+def _jax_train_step(train, config, variables, images, labels, batch):
   import jax  # pylint: disable=g-import-not-at-top
-  from bhvit_jax import optim  # pylint: disable=g-import-not-at-top
-  tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=batch,
-                                             total_steps=1000, steps_per_epoch=100)
-  reg_in_loss = config.optim.get('reg_placement', 'optimizer') == 'loss'
-  holder = {'state': train.create_train_state(variables, tx)}
+  config = config.copy_and_resolve_references()
+  config.loss.teacher.kind = 'none'  # the student's step alone; a teacher is another network
+  recipe = train.build_train_step(config, total_steps=1000, steps_per_epoch=100,
+                                  global_batch_size=batch)
+  holder = {'state': train.create_train_state(variables, recipe.tx)}
   batch_ = {'image': images, 'label': labels}
   rng = jax.random.PRNGKey(0)
-  compiled = jax.jit(train.make_train_step(
-      model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
-      reg_in_loss=reg_in_loss), donate_argnums=(0,)).lower(holder['state'], batch_, rng).compile()
+  compiled = jax.jit(recipe.train_step, donate_argnums=(0,)).lower(
+      holder['state'], batch_, rng).compile()
 
   def step():
     holder['state'], metrics = compiled(holder['state'], batch_, rng)

@@ -14,15 +14,17 @@ inference, the fastest on CPU). --split: 'eval' (the config's data.eval_split, d
 evaluation (train.eval_sums / train.evaluate).
 """
 import json
-import os
 
 from absl import app
 from absl import flags
 import jax
 import optax
 
+from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
+from bhvit_jax import main as main_lib
+from bhvit_jax import model as model_lib
 from bhvit_jax import packed
 from bhvit_jax import train
 
@@ -40,15 +42,10 @@ def split_name(config, split: str) -> str:
   return {'eval': config.data.eval_split, 'train': config.data.train_split}.get(split, split)
 
 
-FLOAT_FILES = ('.msgpack', '.pth', '.pt', '.npz')
-
-
 def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0
                         ) -> dict:
   """{'top1', 'top5' (%), 'loss', 'examples', 'split', 'checkpoint'} of `checkpoint`."""
-  if not os.path.exists(checkpoint):
-    raise FileNotFoundError(f'checkpoint {checkpoint} not found')
-  if os.path.isfile(checkpoint) and not checkpoint.endswith(FLOAT_FILES):
+  if ckpt_lib.is_packed_file(checkpoint):
     model, arrays = packed.load(checkpoint)
     step, state = jax.jit(lambda a, batch: train.eval_sums(
         packed.apply(model, a, batch['image']), batch)), arrays
@@ -66,14 +63,8 @@ def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size
 
 
 def _float_model_state(config, checkpoint: str):
-  model = train.build_model(config.model, config.compute_dtype)
-  # Shapes suffice to check the checkpoint; initializing BHViT for real compiles slowly.
-  reference = jax.eval_shape(lambda rng: train.init_variables(model, rng), jax.random.PRNGKey(0))
-  variables = train.load_pretrained(checkpoint, model, reference)
-  missing = [k for k, v in variables.items()
-             if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(v))]
-  if missing:
-    raise ValueError(f'checkpoint {checkpoint} lacks the variable collections {missing}')
+  model = model_lib.build(config.model, config.compute_dtype)
+  variables = ckpt_lib.load_any(checkpoint, model)
   # The variables travel as jit arguments (inside the state): closing over them would let XLA
   # constant-fold the binarization, whose rounding can flip signs.
   return model, train.create_train_state(variables, optax.identity())
@@ -99,7 +90,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value)
-  except train.USER_ERRORS as e:
+  except main_lib.USER_ERRORS as e:
     config_lib.fail(str(e))
   print(format_table(result))
   if _JSON.value:
