@@ -4,9 +4,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-# Modules whose `kernel` is a binarized latent weight entering the oscillation regularizer.
-# The downsampling `proj` and the `classifier` are deliberately excluded (SPEC §5).
-REGULARIZED_MODULES = ('cov1', 'cov2', 'cov3', 'dense', 'query', 'key', 'value')
+from bhvit_jax import model as model_lib
 
 PyTree = Any
 
@@ -45,17 +43,10 @@ def _at_least_f32(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def path_names(path):
-  """Key names of a pytree path (dict keys or attribute names)."""
-  return [getattr(k, 'key', getattr(k, 'name', str(k))) for k in path]
-
-
 def regularizer_mask(params: PyTree) -> PyTree:
-  """Bool pytree: True on `kernel` leaves of modules named cov1|cov2|cov3|dense|query|key|value."""
-  def is_regularized(path, _):
-    names = path_names(path)
-    return len(names) >= 2 and names[-1] == 'kernel' and names[-2] in REGULARIZED_MODULES
-  return jax.tree_util.tree_map_with_path(is_regularized, params)
+  """Bool pytree: True on the latent kernels the regularizer pulls to ±1 (the downsampling
+  `proj` and the `classifier` are excluded, as in the reference)."""
+  return model_lib.binary_kernel_mask(params)
 
 
 @jax.custom_jvp
@@ -85,7 +76,7 @@ def oscillation_regularizer(params: PyTree, mask: Optional[PyTree] = None):
                                 jax.tree_util.tree_leaves(mask)) if m]
   if not selected:
     raise ValueError('oscillation_regularizer: no parameter matches the mask; expected `kernel` '
-                     f'leaves under modules named {"|".join(REGULARIZED_MODULES)}.')
+                     f'leaves under modules named {"|".join(model_lib.BINARY_MODULES)}.')
   per_layer = [jnp.mean(_abs(_abs(_at_least_f32(w)) - 1.0)) for w in selected]
   return sum(per_layer) / len(per_layer)
 

@@ -393,6 +393,35 @@ VARIANTS = {
 }
 
 
+# Modules whose `kernel` is a 1-bit latent weight when weight_bits == 1: the token mixers' convs
+# and every linear layer of the blocks. With some_fp off, the downsampling `proj` is binarized
+# too; the oscillation regularizer covers BINARY_MODULES only (docs/reference.md, "Losses").
+BINARY_MODULES = ('cov1', 'cov2', 'cov3', 'dense', 'query', 'key', 'value')
+# The binary linear layers, the only ones ReCU normalizes (as the reference).
+RECU_MODULES = ('dense', 'query', 'key', 'value')
+
+
+def path_names(path) -> tuple:
+  """Key names of a pytree path (dict keys or attribute names), or a tuple of names as is."""
+  return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
+
+
+def is_binary_kernel(path, weight_bits: int = 1, some_fp: bool = True) -> bool:
+  """Whether the param at `path` is binarized in the forward pass (defaults: the regularizer's
+  set, which is the binarized set of a model with some_fp on)."""
+  names = path_names(path)
+  if weight_bits != 1 or len(names) < 2 or names[-1] != 'kernel':
+    return False
+  return names[-2] in BINARY_MODULES or (
+      not some_fp and names[-2] == 'proj' and str(names[0]).startswith('patch_embed'))
+
+
+def binary_kernel_mask(params, model=None):
+  """Bool pytree of `is_binary_kernel` over params (`model` None: the regularizer's set)."""
+  flags_ = {} if model is None else dict(weight_bits=model.weight_bits, some_fp=model.some_fp)
+  return jax.tree_util.tree_map_with_path(lambda p, _: is_binary_kernel(p, **flags_), params)
+
+
 def variant(name: str) -> dict:
   """The size fields of a named variant (a copy; see VARIANTS)."""
   if name not in VARIANTS:

@@ -18,7 +18,6 @@ Counts come from the module calls of the model itself (intercepted during `jax.e
 every MAC is derived from actual shapes; the parameter counts come from the Flax param tree.
 """
 import dataclasses
-import re
 
 import flax
 import flax.linen as nn
@@ -29,7 +28,6 @@ import numpy as np
 from bhvit_jax import layers
 from bhvit_jax import model as model_lib
 
-BINARY_KERNEL_MODULES = re.compile(r'^(cov[123]|dense|query|key|value)$')
 PV_BITPLANES = {'gsb': 3, 'lsq': 2}
 BOPS_PER_OP = 64
 
@@ -45,15 +43,6 @@ class OpRecord:
   macs: int
   bops: int
   flops: int
-
-
-def is_binary_kernel(path, weight_bits: int, some_fp: bool) -> bool:
-  """Whether the param at `path` (tuple of names) is a 1-bit latent weight."""
-  if weight_bits != 1 or path[-1] != 'kernel':
-    return False
-  if BINARY_KERNEL_MODULES.match(path[-2]):
-    return True
-  return (not some_fp) and path[0].startswith('patch_embed') and path[-2] == 'proj'
 
 
 def _mac_record(module, x, out) -> OpRecord:
@@ -136,7 +125,7 @@ def count(model: model_lib.BHViT, pv: str = 'bitplanes') -> Counts:
   total = binary = 0
   for path, shape in shapes.items():
     size = int(np.prod(shape))
-    is_bin = is_binary_kernel(path, model.weight_bits, model.some_fp)
+    is_bin = model_lib.is_binary_kernel(path, model.weight_bits, model.some_fp)
     mod = modules.setdefault(path[0], [0, 0])
     mod[0] += size
     mod[1] += size if is_bin else 0

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from bhvit_jax import losses
+from bhvit_jax import model as model_lib
 
 PyTree = Any
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
@@ -52,7 +53,7 @@ def weight_decay_mask(params: PyTree) -> PyTree:
   Rank < 2 covers biases, norm scales, RPReLU/LayerScale vectors and the gsb scalars.
   """
   def decays(path, leaf):
-    return jnp.ndim(leaf) >= 2 and 'position_embeddings' not in losses.path_names(path)
+    return jnp.ndim(leaf) >= 2 and 'position_embeddings' not in model_lib.path_names(path)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -212,11 +212,11 @@ def export(model: model_lib.BHViT, variables, fp_dtype=np.float32) -> dict:
   stats = flax.traverse_util.flatten_dict(variables.get('batch_stats', {}))
   norm_paths = {p[:-1] for p in stats if p[-1] == 'mean'}
   binary, norms, used = {}, {}, set()
-  for path in [p for p in params if ops_count.is_binary_kernel(p, model.weight_bits,
-                                                               model.some_fp)]:
+  for path in [p for p in params if model_lib.is_binary_kernel(p, model.weight_bits,
+                                                                model.some_fp)]:
     module = path[:-1]
-    sign, nonzero, scale = _pack_kernel(params[path], model.recu and module[-1] in (
-        'dense', 'query', 'key', 'value'))
+    sign, nonzero, scale = _pack_kernel(params[path],
+                                        model.recu and module[-1] in model_lib.RECU_MODULES)
     shift = np.asarray(params.get(module + ('bias',), np.zeros_like(scale)), np.float64)
     norm = module[:-1] + (FOLLOWING_NORM.get(module[-1], ''),)
     if norm in norm_paths:

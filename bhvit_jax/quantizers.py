@@ -89,6 +89,11 @@ def _weight_parts(w, recu):
   return normalized, scale, tau
 
 
+def weight_signs(w):
+  """The signs binarization takes (of the kernel centred per output channel), float32."""
+  return jnp.sign(_weight_parts(w.astype(jnp.float32), False)[0])
+
+
 def binarize_weight(w, recu=False):
   """Binarizes a kernel per output channel (the last axis), SPEC §2.
 

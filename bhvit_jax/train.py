@@ -32,6 +32,7 @@ from bhvit_jax import metrics as metrics_lib
 from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import plots
+from bhvit_jax import quantizers
 from bhvit_jax import sharding as sharding_lib
 from bhvit_jax import teachers
 
@@ -67,34 +68,13 @@ def create_train_state(variables: dict, tx: optax.GradientTransformation) -> Tra
                     nonfinite_in_row=zero(), nonfinite_total=zero())
 
 
-def binarized_mask(params: PyTree, model) -> PyTree:
-  """Bool pytree of the latent weights the forward pass binarizes (for the sign-flip rate)."""
-  if model.weight_bits != 1:
-    return jax.tree_util.tree_map(lambda _: False, params)
-  binary_proj = not model.some_fp
-
-  def is_binary(path, _):
-    names = losses.path_names(path)
-    if len(names) < 2 or names[-1] != 'kernel':
-      return False
-    return names[-2] in losses.REGULARIZED_MODULES or (
-        binary_proj and names[-2] == 'proj' and names[0].startswith('patch_embed'))
-  return jax.tree_util.tree_map_with_path(is_binary, params)
-
-
-def _centred_signs(w):
-  # Binarization takes the sign of the weight centred per output channel (last axis).
-  w = w.astype(jnp.float32)
-  return jnp.sign(w - jnp.mean(w, axis=tuple(range(w.ndim - 1)), keepdims=True))
-
-
 def sign_flip_rate(old_params: PyTree, new_params: PyTree, mask: PyTree):
   """Fraction of binarized weights whose binary value's sign changed (0 when none)."""
   flips, total = jnp.zeros((), jnp.float32), 0
   for old, new, m in zip(jax.tree_util.tree_leaves(old_params),
                          jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(mask)):
     if m:
-      flips += jnp.sum(_centred_signs(old) != _centred_signs(new))
+      flips += jnp.sum(quantizers.weight_signs(old) != quantizers.weight_signs(new))
       total += old.size
   return flips / max(total, 1)
 
@@ -153,7 +133,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
         'beta': jnp.asarray(beta_fn(state.step), jnp.float32),
         'train_top1': jnp.mean(jnp.argmax(logits, -1) == labels),
         'sign_flip_rate': sign_flip_rate(state.params, new_state.params,
-                                         binarized_mask(state.params, model)),
+                                         model_lib.binary_kernel_mask(state.params, model)),
         'grad_norm': optax.tree.norm(grads), 'finite': finite,
         'nonfinite_in_row': in_row, 'nonfinite_total': new_state.nonfinite_total}
     return new_state, metrics

@@ -1,4 +1,4 @@
-r"""BHViT-small on ImageNet-1k with the published recipe (SPEC §5, the reference run script).
+r"""BHViT-small on ImageNet-1k with the published recipe (docs/reference.md "Recipe": the reference run script).
 
 Command:
   python -m bhvit_jax.train --config configs/bhvit_small.py --workdir runs/bhvit_small \
@@ -10,21 +10,8 @@ Memory: --config.model.remat_stages='(1,)' recomputes stage 1's blocks in the ba
 on CPU at batch 16, peak 6.6 → 5.4 GiB (docs/performance.md).
 Expected: ImageNet-1k top-1 70.1% (some_fp=True, the released model; 68.4% all binary).
 """
-import importlib.util
-import pathlib
-
-SMALL = dict(hidden_sizes=(64, 128, 256, 512), depths=(3, 4, 8, 4), num_heads=(1, 1, 4, 8),
-             mlp_sizes=(512, 1024, 1024, 2048))
+from configs import common
 
 
-def _tiny_module():
-  # Config files are loaded by path (config_flags), so the sibling is too.
-  path = pathlib.Path(__file__).with_name('bhvit_tiny.py')
-  spec = importlib.util.spec_from_file_location('bhvit_tiny_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def get_config(variant: str = 'run'):
-  return _tiny_module().imagenet_config(SMALL, variant)
+def get_config(recipe: str = 'run'):
+  return common.apply_recipe(common.get_config('small'), recipe)

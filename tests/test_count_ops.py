@@ -119,11 +119,11 @@ def test_float_attention_products_and_pv_convention():
 
 
 def test_binary_param_classification():
-  assert ops_count.is_binary_kernel(('layerA_0', 'GC', 'cov2', 'kernel'), 1, True)
-  assert ops_count.is_binary_kernel(('patch_embed1', 'proj', 'kernel'), 1, False)
-  assert not ops_count.is_binary_kernel(('patch_embed1', 'proj', 'kernel'), 1, True)
-  assert not ops_count.is_binary_kernel(('layerA_0', 'GC', 'cov2', 'kernel'), 32, False)
-  assert not ops_count.is_binary_kernel(('classifier', 'kernel'), 1, False)
-  assert not ops_count.is_binary_kernel(('layerA_0', 'GC', 'cov2', 'bias'), 1, False)
+  assert model_lib.is_binary_kernel(('layerA_0', 'GC', 'cov2', 'kernel'), 1, True)
+  assert model_lib.is_binary_kernel(('patch_embed1', 'proj', 'kernel'), 1, False)
+  assert not model_lib.is_binary_kernel(('patch_embed1', 'proj', 'kernel'), 1, True)
+  assert not model_lib.is_binary_kernel(('layerA_0', 'GC', 'cov2', 'kernel'), 32, False)
+  assert not model_lib.is_binary_kernel(('classifier', 'kernel'), 1, False)
+  assert not model_lib.is_binary_kernel(('layerA_0', 'GC', 'cov2', 'bias'), 1, False)
   np.testing.assert_equal(ops_count.count(model_lib.BHViT(**{**SMALL, 'weight_bits': 32}))
                           .params_binary, 0)

@@ -15,6 +15,7 @@ import pytest
 
 from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import data as data_lib
+from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import train
 
@@ -62,7 +63,7 @@ def _config(**overrides):
 
 @pytest.fixture
 def tiny_model(monkeypatch):
-  monkeypatch.setattr(train, 'build_model', lambda *args: TinyNet())
+  monkeypatch.setattr(model_lib, 'build', lambda *args: TinyNet())
 
 
 def _leaves(state):
@@ -197,7 +198,7 @@ def test_sign_flip_rate_by_hand():
          'classifier': {'kernel': jnp.ones((2, 2))}}
   new = {'dense': {'kernel': jnp.array([[1.0, -1.0], [0.5, 2.0]])},
          'classifier': {'kernel': -jnp.ones((2, 2))}}
-  mask = train.binarized_mask(old, TinyNet())
+  mask = model_lib.binary_kernel_mask(old, TinyNet())
   assert mask == {'dense': {'kernel': True}, 'classifier': {'kernel': False}}
   # Output channel 0: [1, 3] centres to [-1, +1], [1, .5] to [+.25, -.25]: 2 flips.
   # Output channel 1: [-1, 1] and [-1, 2] both centre to signs [-, +]: no flip.

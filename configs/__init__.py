@@ -1,0 +1,1 @@
+"""Training configurations (ml_collections): `common.py` is the schema every config overrides."""
