@@ -5,6 +5,8 @@ independent formula or the plain path in float64, where both follow the same sig
 so outputs, gradients and BatchNorm updates must agree to rounding. Blocks, not whole models,
 keep the compile time (the cost of these tests on CPU) small.
 """
+import pathlib
+
 import flax
 import flax.linen as nn
 import jax
@@ -326,3 +328,25 @@ def test_global_token_pooling_matches_reduce_window(x64, size, window):
   for got, want in zip(jax.grad(loss(view), (0, 1))(x, a1),
                        jax.grad(loss(reduce_window), (0, 1))(x, a1)):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _grouped_convs(config_path, *overrides):
+  """Grouped convolutions (feature_group_count > 1) in the lowered token mixer of a config."""
+  import re  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(config_path)
+  spec = model_lib.build({**config.model, **dict(overrides)}).spec()
+  mixer = model_lib.TokenMixer(spec)
+  x = jnp.zeros((1, 8, 8, 16))
+  variables = jax.eval_shape(lambda: mixer.init(jax.random.PRNGKey(0), x, False))
+  text = jax.jit(lambda v, x: mixer.apply(v, x, False)).lower(variables, x).as_text()
+  return [int(n) for n in re.findall(r'feature_group_count = (\d+)', text) if int(n) > 1]
+
+
+def test_split_groups_auto_picks_per_group_convolutions_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  path = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'bhvit_tiny.py')
+  assert not _grouped_convs(path)  # the config's default, 'auto'
+  assert _grouped_convs(path, ('split_groups', False))
+  assert _grouped_convs(path, ('split_groups', 'False'))  # as a --config override arrives
+  assert not _grouped_convs(path, ('split_groups', True))
