@@ -10,7 +10,7 @@ maps: softmax probabilities and gsb scales, when `apply(..., mutable=['intermedi
 """
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -232,17 +232,62 @@ class SelfAttention(nn.Module):
     return context.transpose(0, 2, 1, 3).reshape(n, t, c)
 
   def _quantize(self, probs, train):
-    s = self.spec
-    if s.input_bits != 1:
+    if self.spec.input_bits != 1:
       return probs
-    if s.gsb:
-      alphas = [self.param(name, nn.initializers.constant(init), ())
-                for name, init in (('att_prob_clip', 0.005), ('att_prob_clip2', 1.0),
-                                   ('att_prob_clip3', 1.0))]
-      self.sow('intermediates', 'gsb_alphas', jnp.stack(alphas))
-      return quantizers.gsb_quantize(probs, *alphas)
-    return LSQAttentionQuantizer(self.num_heads, self.calibrate,
-                                 name='att_prob_quantizer')(3 * probs, train)
+    return ATTENTION_QUANTIZERS[attention_quantizer(self.spec)].apply(self, probs, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionQuantizer:
+  """One way to binarize the attention matrix: its forward pass, op count and plotted parts."""
+  bitplanes: int  # 0/1 maps that P·V decomposes into (ops_count)
+  # (SelfAttention module, P `[N, heads, Nq, Nk]`, train) -> quantized P, declaring its params.
+  apply: Callable
+  # (P `[Nq, Nk]` of one head, the SelfAttention module's params, head) ->
+  # ([(title, map `[Nq, Nk]`)], quantized P `[Nq, Nk]`), for tools/plot_attention.py.
+  maps: Callable
+
+
+_GSB_PARAMS = (('att_prob_clip', 0.005), ('att_prob_clip2', 1.0), ('att_prob_clip3', 1.0))
+
+
+def _gsb_apply(module, probs, train):
+  del train
+  alphas = [module.param(name, nn.initializers.constant(init), ()) for name, init in _GSB_PARAMS]
+  return quantizers.gsb_quantize(probs, *alphas)
+
+
+def _gsb_maps(probs, params, head):
+  del head
+  alphas = [jnp.asarray(params[name]) for name, _ in _GSB_PARAMS]
+  parts = quantizers.gsb_maps(jnp.asarray(probs), alphas[0])
+  quantized = np.asarray(quantizers.gsb_quantize(jnp.asarray(probs), *alphas))
+  a = np.maximum(np.asarray(alphas), quantizers.ALPHA_FLOOR)
+  titles = ('T0 = round(P/α) − T1', 'T1 (q > 0.7·max)', 'T2 (q > 0.9·max)',
+            f'α(T0+α2T1+α3T2)\nα={a[0]:.3g} α2={a[1]:.3g} α3={a[2]:.3g}')
+  return list(zip(titles, [np.asarray(t) for t in parts] + [quantized])), quantized
+
+
+def _lsq_apply(module, probs, train):
+  return LSQAttentionQuantizer(module.num_heads, module.calibrate,
+                               name='att_prob_quantizer')(3 * probs, train)
+
+
+def _lsq_maps(probs, params, head):
+  quant = params['att_prob_quantizer']
+  alpha, zero = (float(np.asarray(quant[k])[head]) for k in ('alpha', 'zero_point'))
+  levels = np.clip(np.round(3 * np.asarray(probs) / alpha + zero), 0, quantizers.LSQ_LEVELS)
+  return [(f'LSQ level (α={alpha:.3g}, z={zero:.3g})', levels)], levels * alpha
+
+
+# A new attention quantizer is its math in quantizers.py plus one entry here.
+ATTENTION_QUANTIZERS = {'gsb': AttentionQuantizer(3, _gsb_apply, _gsb_maps),
+                        'lsq': AttentionQuantizer(2, _lsq_apply, _lsq_maps)}
+
+
+def attention_quantizer(spec) -> str:
+  """The ATTENTION_QUANTIZERS key of a BlockSpec or BHViT."""
+  return 'gsb' if spec.gsb else 'lsq'
 
 
 class LSQAttentionQuantizer(nn.Module):

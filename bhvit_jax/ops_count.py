@@ -28,7 +28,6 @@ import numpy as np
 from bhvit_jax import layers
 from bhvit_jax import model as model_lib
 
-PV_BITPLANES = {'gsb': 3, 'lsq': 2}
 BOPS_PER_OP = 64
 
 
@@ -67,7 +66,7 @@ def _attention_records(module, q, pv: str):
   name = '/'.join(module.path)
   shape = f'{n}x{t}x{c}, heads={module.num_heads}'
   binary = spec.input_bits == 1
-  planes = PV_BITPLANES['gsb' if spec.gsb else 'lsq']
+  planes = model_lib.ATTENTION_QUANTIZERS[model_lib.attention_quantizer(spec)].bitplanes
   pv_binary = binary and pv == 'bitplanes'
   return [OpRecord(name + '/qk', 'qk', shape, 0, 0, macs, macs if binary else 0,
                    0 if binary else macs),

@@ -32,41 +32,28 @@ from bhvit_jax import checkpoint
 from bhvit_jax import convert
 from bhvit_jax import data
 from bhvit_jax import model as model_lib
-from bhvit_jax import quantizers
 from bhvit_jax import reference
 
 PRESETS = {'tiny': {'depths': (2, 2, 6, 2)}, 'small': {'depths': (3, 4, 8, 4)}}
 
 
-def attention_intermediates(model, variables, images):
-  """{block: (probs `[B·nW, heads, Nq, Nk]`, gsb alphas `[3]` or None)} of every SelfAttention."""
+def attention_probs(model, variables, images):
+  """{block: softmax probabilities `[B·nW, heads, Nq, Nk]`} of every SelfAttention."""
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates'])[1])
   state = apply(variables, images)
-  out = {}
-  for block, tree in state['intermediates'].items():
-    sown = tree['attention']['attention']
-    alphas = sown.get('gsb_alphas')
-    out[block] = (np.asarray(sown['attention_probs'][0]),
-                  None if alphas is None else np.asarray(alphas[0]))
+  out = {block: np.asarray(tree['attention']['attention']['attention_probs'][0])
+         for block, tree in state['intermediates'].items()}
   if not out:
     raise ValueError('the model has no attention blocks')
   return out
 
 
-def quantized_rows(model, variables, block, probs, alphas, head):
+def quantized_rows(model, variables, block, probs, head):
   """[(title, `[Nq, Nk]` map)] of the quantizer's parts, and the quantized probabilities."""
   if model.input_bits != 1:
     return [], probs
-  if alphas is not None:
-    t0, t1, t2 = (np.asarray(t) for t in quantizers.gsb_maps(jnp.asarray(probs),
-                                                               jnp.asarray(alphas[0])))
-    q = np.asarray(quantizers.gsb_quantize(jnp.asarray(probs), *map(jnp.asarray, alphas)))
-    titles = ('T0 = round(P/α) − T1', 'T1 (q > 0.7·max)', 'T2 (q > 0.9·max)')
-    return list(zip(titles, (t0, t1, t2))), q
-  quant = variables['params'][block]['attention']['attention']['att_prob_quantizer']
-  alpha, zero = (float(np.asarray(quant[k])[head]) for k in ('alpha', 'zero_point'))
-  levels = np.clip(np.round(3 * probs / alpha + zero), 0, 3)
-  return [(f'LSQ level (α={alpha:.3g}, z={zero:.3g})', levels)], levels * alpha
+  quantizer = model_lib.ATTENTION_QUANTIZERS[model_lib.attention_quantizer(model)]
+  return quantizer.maps(probs, variables['params'][block]['attention']['attention'], head)
 
 
 def key_layout(row, w):
@@ -93,7 +80,7 @@ def plot(model, variables, image, blocks=None, heads=(0,), window=0, query=0, ou
   unknown = [b for b in blocks if b not in names]
   if unknown:
     raise ValueError(f'no attention block named {unknown}; choose from {names}')
-  maps = attention_intermediates(model, variables, jnp.asarray(image)[None])
+  maps = attention_probs(model, variables, jnp.asarray(image)[None])
   rows = [(b, h) for b in blocks for h in heads]
   fig, axes = plt.subplots(len(rows), 7, figsize=(21, 3.2 * len(rows)), squeeze=False)
   shown = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
@@ -105,15 +92,14 @@ def plot(model, variables, image, blocks=None, heads=(0,), window=0, query=0, ou
   return Image.open(out).size
 
 
-def _plot_row(axes, model, variables, block, head, sown, window, query, shown):
-  probs, alphas = sown
+def _plot_row(axes, model, variables, block, head, probs, window, query, shown):
   n_win, heads, nq, _ = probs.shape
   w = model.window_size
   if not (0 <= head < heads and 0 <= window < n_win and 0 <= query < nq):
     raise ValueError(f'{block}: head {head}, window {window}, query {query} out of range '
                      f'(heads {heads}, windows {n_win}, queries {nq})')
   p = probs[window, head]
-  parts, quantized = quantized_rows(model, variables, block, p, alphas, head)
+  parts, quantized = quantized_rows(model, variables, block, p, head)
   grid = w * int(round(np.sqrt(n_win)))
   top, left, size = _window_box(model, window, grid)
   axes[0].imshow(shown)
@@ -123,9 +109,6 @@ def _plot_row(axes, model, variables, block, head, sown, window, query, shown):
     axes[0].plot(left + (query % w + 0.5) * cell, top + (query // w + 0.5) * cell, 'c*', ms=12)
   axes[0].set_title(f'{block} head {head} window {window} query {query}', fontsize=9)
   panels = [('softmax P', p)] + parts
-  if alphas is not None:
-    a = np.maximum(alphas, quantizers.ALPHA_FLOOR)
-    panels.append((f'α(T0+α2T1+α3T2)\nα={a[0]:.3g} α2={a[1]:.3g} α3={a[2]:.3g}', quantized))
   for ax, (title, matrix) in zip(axes[1:], panels):
     im = ax.imshow(key_layout(matrix[query], w), cmap='viridis')
     ax.set_title(title, fontsize=9)
