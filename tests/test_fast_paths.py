@@ -7,6 +7,7 @@ keep the compile time (the cost of these tests on CPU) small.
 """
 import pathlib
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -269,8 +270,7 @@ def test_batch_norm_gradient_matches_autodiff(x64, stats_cotangent):
 
   got = loss(lambda *a: layers.batch_norm(*a, 2))
   want = loss(formula)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
+  chex.assert_trees_all_close(got, want, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize('channel_axes', [1, 2])

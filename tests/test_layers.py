@@ -1,4 +1,5 @@
 """Layers: PyTorch BatchNorm semantics, shifts, and gradients (finite differences / STE)."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,8 +87,7 @@ def test_folded_shift_stencil_equals_paths_summed(x64, kinds):
     out, vjp = jax.vjp(f, x, scales)
     results.append((out, vjp(cotangent)))
   # Outputs, the input's gradient (the custom mirrored stencil) and every alpha/move gradient.
-  for got, want in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('module,shape', [
@@ -134,8 +134,7 @@ def test_split_group_conv_equals_grouped_conv():
                              atol=1e-5)
   ga = jax.grad(loss(grouped), argnums=(0, 1))(variables, x)
   gb = jax.grad(loss(split), argnums=(0, 1))(variables, x)
-  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(ga, gb, rtol=1e-4, atol=1e-4)
 
 
 def test_torch_default_init_bounds():

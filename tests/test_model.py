@@ -1,6 +1,7 @@
 """BHViT at small size: every flag of SPEC §1, calibration, validation."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,7 @@ def test_calibration_sets_alpha_from_key_count():
     assert float(state['init_state'][0]) == 1.0
   # A second calibration leaves calibrated quantizers alone (the reference's init_state).
   again, _ = model_lib.calibrate(model, calibrated, x * 3)
-  for a, b in zip(jax.tree.leaves(again['params']), jax.tree.leaves(calibrated['params'])):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(again['params'], calibrated['params'])
 
 
 def test_drop_path_only_in_training():

@@ -1,6 +1,7 @@
 """The optimizer chain: regularizer placement, AdamW semantics, schedules."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,7 +51,7 @@ def test_regularizer_transform_equals_adam_on_regularized_loss():
   got = _run(chained, params, jax.grad(loss_fn))
   regularized = lambda p: loss_fn(p) + beta * losses.oscillation_regularizer(p)
   want = _run(optax.adam(lr), params, jax.grad(regularized))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), got, params)
   assert min(jax.tree_util.tree_leaves(moved)) > 0
 
