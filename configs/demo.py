@@ -41,7 +41,12 @@ def get_config():
   config.data = ml_collections.ConfigDict(dict(
       name='mnist', data_dir='', image_size=32, train_split='train', eval_split='test',
       num_workers=0, shuffle_seed=0, mean=(), std=(), on_corrupt='fail',
-      min_crop_scale=0.6))
+      min_crop_scale=0.6,
+      # The reference's transforms: bicubic eval resize to int(S / eval_crop_ratio) (256 for
+      # 224) + centre crop; bilinear RandomResizedCrop. fast_decode lets JPEGs decode at a
+      # reduced scale (faster, other pixels).
+      eval_interpolation='bicubic', train_interpolation='bilinear', eval_crop_ratio=224 / 256,
+      fast_decode=False))
 
   config.model = ml_collections.ConfigDict(dict(
       hidden_sizes=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
