@@ -119,16 +119,19 @@ def folder_config(root, **data_fields):
   return ml_collections.ConfigDict(dict(seed=0, batch_size=2, data=fields))
 
 
+def eval_pixels(config):
+  """uint8 [S, S, 3]: the first eval image of `config`, de-normalized."""
+  batch = next(data.build_eval_iter(config, process_index=0, process_count=1))
+  std, mean = np.asarray(data.IMAGENET_STD), np.asarray(data.IMAGENET_MEAN)
+  return np.round((batch['image'][0] * std + mean) * 255).astype(np.uint8)
+
+
 def test_interpolation_and_crop_ratio_come_from_the_config(photos, tmp_path):
   img = photos['flower'].crop((0, 0, 301, 203))
   (tmp_path / 'val' / 'flower').mkdir(parents=True)
   img.save(tmp_path / 'val' / 'flower' / 'f.png')
   config = folder_config(tmp_path, image_size=64)
-
-  def pixels():
-    batch = next(data.build_eval_iter(config, process_index=0, process_count=1))
-    std, mean = np.asarray(data.IMAGENET_STD), np.asarray(data.IMAGENET_MEAN)
-    return np.round((batch['image'][0] * std + mean) * 255).astype(np.uint8)
+  pixels = lambda: eval_pixels(config)
   np.testing.assert_array_equal(pixels(), reference_eval(img, 64))
   config.data.update(eval_interpolation='bilinear', eval_crop_ratio=0.5)
   # Shorter side 128, longer int(128·301/203) = 189; left = round(62.5) = 62 (half to even).
@@ -137,6 +140,21 @@ def test_interpolation_and_crop_ratio_come_from_the_config(photos, tmp_path):
   config.data.eval_interpolation = 'cubic'
   with pytest.raises(config_lib.UserError, match="eval_interpolation='cubic'"):
     data.build_eval_iter(config, process_index=0, process_count=1)
+
+
+def test_fast_decode_is_opt_in_and_decodes_no_smaller_than_the_resize(photos, tmp_path):
+  path = tmp_path / 'val' / 'china' / 'big.jpg'
+  _save(photos['china'].resize((1280, 854), Image.BICUBIC), path, quality=90)
+  config = folder_config(tmp_path, image_size=64)
+  with Image.open(path) as img:
+    exact = reference_eval(img.convert('RGB'), 64)
+  np.testing.assert_array_equal(eval_pixels(config), exact)
+  config.data.fast_decode = True
+  fast = eval_pixels(config)
+  assert not np.array_equal(fast, exact)
+  assert np.abs(fast.astype(int) - exact).mean() < 8
+  # JPEG draft scales by 1/8 at most down to the eval resize side (73 for 64).
+  assert data.decode_image(path.read_bytes(), 73).size == (160, 107)
 
 
 # ------------------------------------------------------------ ImageFolder ---

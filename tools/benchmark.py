@@ -12,7 +12,12 @@ one warm-up step (`compile_s`, `warmup_s`: not timed), then times `--repeats` st
 the median as images/s. Cases run one after the other in the same invocation, so JAX and
 PyTorch numbers share the machine's load (`load_avg` is recorded before each case).
 
-Modes: `train` is the real jitted `bhvit_jax.train` step (optimizer chain of
+Modes: `data` times the input pipeline alone (`bhvit_jax.data`'s train and eval streams:
+read, JPEG decode, transform, batch, normalize) on `--data-images` JPEGs of 500x375 made from
+scikit-learn's sample photographs by crops and rescales and converted by
+tools/prepare_imagefolder.py; images/s in total and per worker process for 1, 2 and all cores'
+`data.num_workers` (0: loader threads in the calling process), after one warm-up batch.
+`train` is the real jitted `bhvit_jax.train` step (optimizer chain of
 `optim.build_optimizer`, BatchNorm updates, metrics) with the state donated; `eval` is the
 eval-mode forward; `packed` is the bit-packed XNOR-popcount inference of `bhvit_jax.packed`.
 The distillation teacher is not part of the timed step (label-smoothed CE only), and on CPU
@@ -25,6 +30,7 @@ the PyTorch model's initial weights converted by `bhvit_jax.convert`. When `tran
 minimal stand-ins (`bhvit_jax.official`).
 """
 import argparse
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -45,7 +51,9 @@ GIB = 2.0 ** 30
 MALLOC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
                    'glibc.malloc.trim_threshold=68719476736')
 PRESETS = {'tiny': (2, 2, 6, 2), 'small': (3, 4, 8, 4)}
-MODES = ('train', 'eval', 'packed')
+MODES = ('train', 'eval', 'packed', 'data')
+# Side of the JPEGs of --mode data: ImageNet's typical 500x375.
+DATA_IMAGE_SIDES = (500, 375)
 
 
 # ----------------------------------------------------------- configuration ---
@@ -69,6 +77,9 @@ def preset_config(name: str):
       reg_start_fraction=0.0, reg_placement='optimizer'))
   config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, ce_weight=1.0,
                                                distill_weight=0.0))
+  config.data = ml_collections.ConfigDict(dict(
+      image_size=224, min_crop_scale=0.08, eval_interpolation='bicubic',
+      train_interpolation='bilinear', eval_crop_ratio=224 / 256, fast_decode=False))
   return config
 
 
@@ -259,6 +270,80 @@ class SkipCase(Exception):
   """A case that cannot run here (reason in the message)."""
 
 
+# ------------------------------------------------------------- input data ---
+
+
+def write_sample_jpegs(folder: str, count: int, seed: int = 0) -> None:
+  """`count` JPEGs of 500x375 (a quarter portrait) in `folder`/<class>/: random crops of
+  scikit-learn's two sample photographs, rescaled."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  photos = [Image.fromarray(p) for p in load_sample_images().images]
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    w = int(rng.integers(photo.width // 2, photo.width + 1))
+    h = min(int(w * 3 / 4), photo.height)
+    left = int(rng.integers(0, photo.width - w + 1))
+    top = int(rng.integers(0, photo.height - h + 1))
+    size = DATA_IMAGE_SIDES if i % 4 else DATA_IMAGE_SIDES[::-1]
+    image = photo.crop((left, top, left + w, top + h)).resize(size, Image.BICUBIC)
+    class_dir = os.path.join(folder, f'class{i % 10}')
+    os.makedirs(class_dir, exist_ok=True)
+    image.save(os.path.join(class_dir, f'{i:05d}.JPEG'), quality=90)
+
+
+def data_config(config, data_dir: str, batch: int, workers: int):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  fields = dict(config.data)
+  fields.update(name='imagefolder', data_dir=data_dir, train_split='train', eval_split='train',
+                num_workers=workers, shuffle_seed=0, mean=(), std=(), on_corrupt='fail')
+  return ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=fields))
+
+
+def time_stream(iterator, batches: int) -> float:
+  """Seconds for `batches` batches after one warm-up batch (worker start-up)."""
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return time.perf_counter() - start
+
+
+def data_cases(config, batch: int, images: int) -> list[dict]:
+  """Records of the train and eval streams for 0 (threads), 1, 2 and all-core workers."""
+  from bhvit_jax import data  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import prepare_imagefolder  # pylint: disable=g-import-not-at-top
+  cores = os.cpu_count() or 1
+  records = []
+  with tempfile.TemporaryDirectory() as tmp:
+    write_sample_jpegs(os.path.join(tmp, 'src', 'train'), images)
+    prepare_imagefolder.prepare(os.path.join(tmp, 'src'), os.path.join(tmp, 'shards'),
+                                splits=('train',), workers=1)
+    for workers in sorted({0, 1, 2, cores}):
+      cfg = data_config(config, os.path.join(tmp, 'shards'), batch, workers)
+      for stream in ('train', 'eval'):
+        build = data.build_train_iter if stream == 'train' else data.build_eval_iter
+        batches = images // batch - 1
+        record = {'impl': 'data', 'mode': 'data', 'stream': stream, 'workers': workers,
+                  'batch': batch, 'image_size': cfg.data.image_size,
+                  'image_sides': DATA_IMAGE_SIDES, 'fast_decode': bool(cfg.data.fast_decode),
+                  'load_avg': os.getloadavg()[0], 'cores': cores, 'cpu': cpu_name()}
+        iterator = build(cfg, process_index=0, process_count=1)
+        seconds = time_stream(iterator, batches)
+        if stream == 'train':
+          iterator.close()
+        else:
+          collections.deque(iterator, maxlen=0)  # the last batch; its workers then exit
+        rate = batches * batch / seconds
+        record.update(images_per_s=rate,
+                      images_per_s_per_worker=rate / workers if workers else None)
+        records.append(record)
+  return records
+
+
 # ----------------------------------------------------------------- PyTorch ---
 
 
@@ -346,6 +431,8 @@ def parse_args(argv=None):
   parser.add_argument('--mode', default='train,eval',
                       help=f'comma-separated subset of {",".join(MODES)}')
   parser.add_argument('--repeats', type=int, default=5, help='timed steps (median reported)')
+  parser.add_argument('--data-images', type=int, default=256,
+                      help='JPEGs streamed per --mode data case')
   parser.add_argument('--compute-dtype', default='auto',
                       help="'auto' (float32 on CPU, the config's compute_dtype elsewhere), "
                            "'float32' or 'bfloat16'")
@@ -397,6 +484,11 @@ def _run_subprocess(argv, tunables: bool) -> dict:
 
 def _describe(r: dict) -> str:
   head = f"{r.get('impl', '?'):>5} {r.get('mode', '?'):>6} batch {r.get('batch', '?')}"
+  if r.get('impl') == 'data':
+    per_worker = (f"{r['images_per_s_per_worker']:.1f} per worker"
+                  if r['workers'] else 'loader threads in this process')
+    return (f"{head} {r['stream']:>5} stream, {r['workers']} workers: "
+            f"{r['images_per_s']:7.1f} images/s ({per_worker}) (load {r['load_avg']:.1f})")
   if 'error' in r:
     return f'{head}: FAILED {r["error"]}'
   if 'skipped' in r:
@@ -418,6 +510,11 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     weights = os.path.join(tmp, 'reference_init.npz') if args.torch_repo else ''
     for mode in args.modes:
+      if mode == 'data':
+        for record in data_cases(resolve_config(args), args.batch, args.data_images):
+          records.append(record)
+          print(json.dumps(record) if args.json else _describe(record), flush=True)
+        continue
       impls = ['torch', 'jax'] if args.torch_repo else ['jax']
       for impl in impls:
         tunables = args.malloc == 'tuned' and impl == 'jax'
@@ -429,7 +526,20 @@ def main(argv=None):
         if len(by_impl) == 2:
           print(f"  {mode}: jax/torch = "
                 f"{by_impl['jax']['images_per_s'] / by_impl['torch']['images_per_s']:.2f}x")
+  if not args.json:
+    _print_bottleneck(records)
   return 1 if any('error' in r for r in records) else 0
+
+
+def _print_bottleneck(records):
+  """Which of the input pipeline (all workers) and the JAX train step limits training."""
+  model = [r['images_per_s'] for r in records if r.get('impl') == 'jax' and r.get('mode') ==
+           'train' and 'images_per_s' in r]
+  feed = [r['images_per_s'] for r in records if r.get('impl') == 'data' and
+          r['stream'] == 'train']
+  if model and feed:
+    print(f'train step {model[0]:.1f} images/s vs input pipeline up to {max(feed):.1f} '
+          f"images/s: {'the input pipeline' if max(feed) < model[0] else 'the model'} limits")
 
 
 if __name__ == '__main__':
