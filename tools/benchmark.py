@@ -16,7 +16,8 @@ Modes: `data` times the input pipeline alone (`bhvit_jax.data`'s train and eval 
 read, JPEG decode, transform, batch, normalize) on `--data-images` JPEGs of 500x375 made from
 scikit-learn's sample photographs by crops and rescales and converted by
 tools/prepare_imagefolder.py; images/s in total and per worker process for 1, 2 and all cores'
-`data.num_workers` (0: loader threads in the calling process), after one warm-up batch.
+`data.num_workers` (0: loader threads in the calling process, which also gives images per CPU
+second, a rate per core that other load on the host does not change), after one warm-up batch.
 `train` is the real jitted `bhvit_jax.train` step (optimizer chain of
 `optim.build_optimizer`, BatchNorm updates, metrics) with the state donated; `eval` is the
 eval-mode forward; `packed` is the bit-packed XNOR-popcount inference of `bhvit_jax.packed`.
@@ -302,13 +303,14 @@ def data_config(config, data_dir: str, batch: int, workers: int):
   return ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=fields))
 
 
-def time_stream(iterator, batches: int) -> float:
-  """Seconds for `batches` batches after one warm-up batch (worker start-up)."""
+def time_stream(iterator, batches: int) -> tuple[float, float]:
+  """(wall, this process's CPU) seconds for `batches` batches after one warm-up batch (worker
+  start-up)."""
   next(iterator)
-  start = time.perf_counter()
+  wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
     next(iterator)
-  return time.perf_counter() - start
+  return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def data_cases(config, batch: int, images: int) -> list[dict]:
@@ -332,7 +334,7 @@ def data_cases(config, batch: int, images: int) -> list[dict]:
                   'image_sides': DATA_IMAGE_SIDES, 'fast_decode': bool(cfg.data.fast_decode),
                   'load_avg': os.getloadavg()[0], 'cores': cores, 'cpu': cpu_name()}
         iterator = build(cfg, process_index=0, process_count=1)
-        seconds = time_stream(iterator, batches)
+        seconds, cpu_seconds = time_stream(iterator, batches)
         if stream == 'train':
           iterator.close()
         else:
@@ -340,6 +342,9 @@ def data_cases(config, batch: int, images: int) -> list[dict]:
         rate = batches * batch / seconds
         record.update(images_per_s=rate,
                       images_per_s_per_worker=rate / workers if workers else None)
+        if not workers:
+          # CPU time of the loader threads: the per-core rate, whatever else runs on the host.
+          record['images_per_cpu_s'] = batches * batch / cpu_seconds
         records.append(record)
   return records
 
@@ -485,8 +490,8 @@ def _run_subprocess(argv, tunables: bool) -> dict:
 def _describe(r: dict) -> str:
   head = f"{r.get('impl', '?'):>5} {r.get('mode', '?'):>6} batch {r.get('batch', '?')}"
   if r.get('impl') == 'data':
-    per_worker = (f"{r['images_per_s_per_worker']:.1f} per worker"
-                  if r['workers'] else 'loader threads in this process')
+    per_worker = (f"{r['images_per_s_per_worker']:.1f} per worker" if r['workers'] else
+                  f"loader threads: {r['images_per_cpu_s']:.1f} per CPU second")
     return (f"{head} {r['stream']:>5} stream, {r['workers']} workers: "
             f"{r['images_per_s']:7.1f} images/s ({per_worker}) (load {r['load_avg']:.1f})")
   if 'error' in r:

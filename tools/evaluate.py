@@ -66,20 +66,19 @@ def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size
   `predictions`: path of the per-image JSON lines to write."""
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f'checkpoint {checkpoint} not found')
+  config = eval_config(config, split, batch_size, data_dir)
   if os.path.isfile(checkpoint) and not checkpoint.endswith(FLOAT_FILES):
     model, state = packed.load(checkpoint)
     logits_fn = functools.partial(packed.apply, model)
   else:
     model, state = _float_model_state(config, checkpoint)
     logits_fn = train.make_eval_logits(model)
-  config = eval_config(config, split, batch_size, data_dir)
   _check_data(config, model)
   source = data_lib.make_source(config, config.data.eval_split)
   with _PredictionWriter(predictions, source) as writer:
     step = _EvalStep(jax.jit(logits_fn), writer)
     result = train.evaluate(step, state, data_lib.build_eval_iter(config))
-  split_name = data_dir or config.data.eval_split
-  return {'checkpoint': checkpoint, 'split': split_name, **result,
+  return {'checkpoint': checkpoint, 'split': data_dir or config.data.eval_split, **result,
           'skipped': step.skipped}
 
 
