@@ -249,14 +249,16 @@ def test_evaluate_image_folder_writes_each_images_logits(tiny, evaluate_tool, ph
                                                         tmp_path):
   _, config, _, variables, apply, paths = tiny
   out = tmp_path / 'predictions.jsonl'
-  result = evaluate_tool.evaluate_checkpoint(config, paths['npz'], batch_size=20,
+  # Batch 64, the shape `apply` was compiled for (rows are independent in eval mode).
+  result = evaluate_tool.evaluate_checkpoint(config, paths['npz'], batch_size=64,
                                              data_dir=str(photo_folder), predictions=str(out))
   rows = _read_predictions(out)
   assert (result['examples'], result['skipped'], len(rows)) == (20, 1, 20)
   assert [r['path'] for r in rows] == sorted(
       str(p.relative_to(photo_folder)) for p in photo_folder.glob('*/*') if p.stat().st_size)
   assert [r['label'] for r in rows] == [int(r['path'][1]) for r in rows]
-  logits = np.asarray(apply(variables, _folder_pixels(photo_folder, rows, 32)))
+  pixels = _folder_pixels(photo_folder, rows, 32)
+  logits = np.asarray(apply(variables, np.resize(pixels, (64,) + pixels.shape[1:])))[:20]
   np.testing.assert_allclose([r['logits'] for r in rows], logits, rtol=1e-5, atol=1e-6)
   labels = np.array([r['label'] for r in rows])
   assert [r['prediction'] for r in rows] == list(logits.argmax(1))
