@@ -127,6 +127,7 @@ def validate(config) -> None:
   if on_corrupt not in ('skip', 'fail'):
     errors.append(f"config.data.on_corrupt={on_corrupt!r} must be 'skip' or 'fail'")
   try:
+    data_lib.transform_settings(config)
     data_lib.make_source(config, config.data.train_split)
   except Exception as e:  # pylint: disable=broad-except
     errors.append(f'data: {e}')

@@ -1,4 +1,4 @@
-"""Input pipelines (embedded MNIST, TFDS, ImageFolder shards) built on grain.
+"""Input pipelines (embedded MNIST, TFDS, ImageFolder shards or folders) built on grain.
 
 Every batch is a pure function of its index: the train batch at global step `s`
 is a slice of the epoch permutation for seed `(shuffle_seed, epoch)`, augmented
@@ -7,17 +7,24 @@ the step, and the result does not depend on the number of workers.
 
 Batches are dicts `{'image': float32 [B, H, W, 3], 'label': int32 [B]}` where
 `B = batch_size // process_count` (this process's slice of the global batch);
-eval batches add `'mask': float32 [B]` (0 for padding).
+eval batches add `'mask': float32 [B]` (0 for padding and for unreadable images),
+`'skipped': float32 [B]` (1 for an unreadable image) and `'index': int32 [B]` (position in
+the split).
+
+The transforms are those of the reference (torchvision on PIL images): evaluation resizes the
+shorter side to int(S / eval_crop_ratio) with `eval_interpolation` (bicubic) and takes the
+centre S×S crop; training takes torchvision's RandomResizedCrop box, crops it, resizes it to
+S×S with `train_interpolation` (bilinear) and flips half of the images.
 """
 
 import dataclasses
 import functools
-import glob
 import io
 import json
 import logging
 import math
 import os
+import re
 import struct
 import threading
 from typing import Any, Iterator
@@ -27,6 +34,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from bhvit_jax import config_lib
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST_MEAN = (0.1307,) * 3
@@ -34,9 +43,15 @@ MNIST_STD = (0.3081,) * 3
 MNIST_TEST_SIZE = 500
 # Fixed so the embedded train/test split never changes with config.seed.
 MNIST_SPLIT_SEED = 20240229
-EVAL_RESIZE_RATIO = 256 / 224
+EVAL_CROP_RATIO = 224 / 256
 CROP_RATIO = (3 / 4, 4 / 3)
 LABELS_FILE = 'labels.json'
+# torchvision's ImageFolder list (compared lower-case).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+INTERPOLATIONS = {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR,
+                  'bicubic': Image.BICUBIC, 'lanczos': Image.LANCZOS, 'box': Image.BOX,
+                  'hamming': Image.HAMMING}
+_SHARD_NAME = re.compile(r'-(\d{5})-of-(\d{5})$')
 _RECORD_HEADER = struct.Struct('<i')
 # Corrupt records are replaced by the next readable one; give up after this.
 _MAX_CORRUPT_RUN = 16
@@ -69,10 +84,18 @@ def decode_record(record: bytes) -> tuple[bytes, int]:
   return record[_RECORD_HEADER.size:], label
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> uint8 [H, W, 3] (grey/CMYK/alpha converted to RGB)."""
-  with Image.open(io.BytesIO(data)) as img:
-    return np.asarray(img.convert('RGB'))
+def decode_image(data: bytes, draft_size: int = 0) -> Image.Image:
+  """Encoded image bytes -> RGB PIL image, converted as the reference's loader does
+  (`.convert('RGB')`; EXIF orientation is not applied).
+
+  draft_size > 0 lets a JPEG decode at a reduced scale whose sides stay >= draft_size
+  (faster, other pixels: data.fast_decode).
+  """
+  img = Image.open(io.BytesIO(data))
+  if draft_size:
+    img.draft('RGB', (draft_size, draft_size))
+  img.load()
+  return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -186,21 +209,36 @@ class TfdsSource(_LazySource):
     return to_rgb(example[self.image_key]), int(example[self.label_key])
 
 
+def shard_paths(data_dir: str, split: str) -> list[str]:
+  """The ArrayRecord shards `<split>.array_record-IIIII-of-NNNNN` of `data_dir`, in order;
+  refuses a set whose names disagree (mixed counts, gaps), e.g. left by two conversions."""
+  prefix = f'{split}.array_record-'
+  names = sorted(n for n in os.listdir(data_dir) if n.startswith(prefix))
+  if not names:
+    raise FileNotFoundError(f'no shards {prefix}* in {data_dir!r}; run '
+                            'tools/prepare_imagefolder.py first')
+  parsed = [_SHARD_NAME.search(n) for n in names]
+  counts = {int(m.group(2)) for m in parsed if m}
+  indices = [int(m.group(1)) for m in parsed if m]
+  if None in parsed or len(counts) != 1 or indices != list(range(counts.pop())):
+    raise config_lib.UserError(
+        f'inconsistent shard names for split {split!r} in {data_dir!r}: {names[:6]}'
+        f'{"..." if len(names) > 6 else ""}; rerun tools/prepare_imagefolder.py')
+  return [os.path.join(data_dir, n) for n in names]
+
+
 @dataclasses.dataclass
 class ImageFolderSource(_LazySource):
   """ArrayRecord shards `<data_dir>/<split>.array_record-*` written by
   tools/prepare_imagefolder.py."""
   data_dir: str
   split: str
+  draft_size: int = 0
 
   def __post_init__(self):
     if not os.path.isdir(self.data_dir):
       raise FileNotFoundError(f'imagefolder data_dir {self.data_dir!r} does not exist')
-    pattern = os.path.join(self.data_dir, f'{self.split}.array_record-*')
-    self.paths = sorted(glob.glob(pattern))
-    if not self.paths:
-      raise FileNotFoundError(
-          f'no shards match {pattern!r}; run tools/prepare_imagefolder.py first')
+    self.paths = shard_paths(self.data_dir, self.split)
 
   def classes(self) -> list[str]:
     path = os.path.join(self.data_dir, LABELS_FILE)
@@ -212,14 +250,79 @@ class ImageFolderSource(_LazySource):
   def _open(self):
     return grain.sources.ArrayRecordDataSource(self.paths)
 
-  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+  def __getitem__(self, index: int) -> tuple[Image.Image, int]:
     data, label = decode_record(self.reader()[index])
+    return _decode_or_raise(data, self.draft_size,
+                            f'record {index} of {self.split!r} in {self.data_dir!r}'), label
+
+
+def list_classes(split_dir: str) -> list[str]:
+  """Sub-directory names of `split_dir`, sorted: label = position (torchvision's order)."""
+  if not os.path.isdir(split_dir):
+    raise FileNotFoundError(f'image folder {split_dir!r} does not exist')
+  classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  if not classes:
+    raise FileNotFoundError(f'{split_dir!r} has no class sub-directories')
+  return classes
+
+
+def list_images(split_dir: str, classes: list[str]) -> tuple[list[tuple[str, int]], int]:
+  """([(path, label)] in torchvision's order, number of non-image files ignored).
+
+  Files with an image extension (any case) anywhere under `split_dir/<class>/` count, walked
+  in sorted order; a class folder may be missing or empty (it keeps its label).
+  """
+  extra = sorted(set(list_classes(split_dir)) - set(classes))
+  if extra:
+    raise config_lib.UserError(
+        f'{split_dir!r} has classes absent from the training classes: {extra}')
+  items, ignored = [], 0
+  for label, name in enumerate(classes):
+    for root, _, files in sorted(os.walk(os.path.join(split_dir, name), followlinks=True)):
+      for f in sorted(files):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          items.append((os.path.join(root, f), label))
+        else:
+          ignored += 1
+  return items, ignored
+
+
+@dataclasses.dataclass
+class FolderSource(_LazySource):
+  """Images read directly from `split_dir/<class>/...` (no conversion step); labels index
+  `classes` (default: the folder's own sorted sub-directories)."""
+  split_dir: str
+  classes_: list[str] | None = None
+  draft_size: int = 0
+
+  def __post_init__(self):
+    self.class_names = self.classes_ or list_classes(self.split_dir)
+    self.items, self.ignored = list_images(self.split_dir, self.class_names)
+
+  def classes(self) -> list[str]:
+    return self.class_names
+
+  def relative_path(self, index: int) -> str:
+    return os.path.relpath(self.items[index][0], self.split_dir)
+
+  def _open(self):
+    return self.items
+
+  def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    path, label = self.items[index]
     try:
-      return decode_image(data), label
-    except (OSError, ValueError, SyntaxError) as e:
-      raise CorruptRecordError(
-          f'record {index} of {self.split!r} in {self.data_dir!r} is not a '
-          f'readable image: {e}') from e
+      with open(path, 'rb') as f:
+        data = f.read()
+    except OSError as e:
+      raise CorruptRecordError(f'{path!r} is not readable: {e}') from e
+    return _decode_or_raise(data, self.draft_size, repr(path)), label
+
+
+def _decode_or_raise(data: bytes, draft_size: int, what: str) -> Image.Image:
+  try:
+    return decode_image(data, draft_size)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise CorruptRecordError(f'{what} is not a readable image: {e}') from e
 
 
 class CorruptRecordError(ValueError):
@@ -230,10 +333,31 @@ def _parse_name(name: str) -> tuple[str, str]:
   kind, _, rest = name.partition(':')
   if kind == 'tfds' and rest:
     return kind, rest
-  if kind in ('mnist', 'imagefolder') and not rest:
+  if kind in ('mnist', 'imagefolder', 'folder') and not rest:
     return kind, ''
-  raise ValueError(
-      f"unknown data.name {name!r}; expected 'mnist', 'imagefolder' or 'tfds:<name>'")
+  raise ValueError(f"unknown data.name {name!r}; expected 'mnist', 'imagefolder', 'folder' "
+                   "or 'tfds:<name>'")
+
+
+NO_RESIZE_MAX = 32
+
+
+def eval_resize_size(config) -> int:
+  """Shorter side before the eval centre crop: int(S / eval_crop_ratio) (256 for S = 224)."""
+  ratio = config.data.get('eval_crop_ratio', EVAL_CROP_RATIO)
+  if not 0 < ratio <= 1:
+    raise config_lib.UserError(f'data.eval_crop_ratio must be in (0, 1], not {ratio!r}')
+  return int(config.data.image_size / ratio)
+
+
+def transform_settings(config) -> tuple[str, str, int]:
+  """(train interpolation, eval interpolation, eval resize size) of config.data, checked."""
+  names = (config.data.get('train_interpolation', 'bilinear'),
+           config.data.get('eval_interpolation', 'bicubic'))
+  for field, name in zip(('train_interpolation', 'eval_interpolation'), names):
+    if name not in INTERPOLATIONS:
+      raise config_lib.UserError(f'data.{field}={name!r} is not one of {sorted(INTERPOLATIONS)}')
+  return (*names, eval_resize_size(config))
 
 
 def make_source(config, split: str):
@@ -246,8 +370,12 @@ def make_source(config, split: str):
   if kind == 'tfds':
     return TfdsSource(tfds_name, split, data_dir)
   if not data_dir:
-    raise ValueError("data.name='imagefolder' needs data.data_dir (the prepared shards)")
-  return ImageFolderSource(data_dir, split)
+    raise ValueError(f"data.name={data.name!r} needs data.data_dir")
+  draft_size = eval_resize_size(config) if data.get('fast_decode') else 0
+  if kind == 'imagefolder':
+    return ImageFolderSource(data_dir, split, draft_size)
+  classes = list_classes(os.path.join(data_dir, data.train_split))
+  return FolderSource(os.path.join(data_dir, split), classes, draft_size)
 
 
 def num_classes(config) -> int:
@@ -298,31 +426,56 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_transform(image: np.ndarray, rng: np.random.Generator, image_size: int,
-                    scale: tuple[float, float], flip: bool) -> np.ndarray:
-  """uint8 [H, W, 3] -> random-resized-crop (+ horizontal flip) uint8 [S, S, 3]."""
-  top, left, h, w = random_resized_crop_box(rng, image.shape[0], image.shape[1], scale)
-  crop = Image.fromarray(image).resize(
-      (image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
+def _as_pil(image) -> Image.Image:
+  return image if isinstance(image, Image.Image) else Image.fromarray(to_rgb(image))
+
+
+def _filter(interpolation: str):
+  if interpolation not in INTERPOLATIONS:
+    raise config_lib.UserError(f'unknown interpolation {interpolation!r}; expected one of '
+                               f'{sorted(INTERPOLATIONS)}')
+  return INTERPOLATIONS[interpolation]
+
+
+def train_transform(image, rng: np.random.Generator, image_size: int,
+                    scale: tuple[float, float], flip: bool,
+                    interpolation: str = 'bilinear') -> np.ndarray:
+  """PIL image or uint8 [H, W, 3] -> random-resized-crop (+ horizontal flip) uint8 [S, S, 3].
+
+  The box is cropped before resizing, as torchvision does: PIL's resize(box=...) would
+  also read the pixels just outside the box.
+  """
+  img = _as_pil(image)
+  top, left, h, w = random_resized_crop_box(rng, img.height, img.width, scale)
+  crop = img.crop((left, top, left + w, top + h)).resize(
+      (image_size, image_size), _filter(interpolation))
   out = np.asarray(crop)
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return out
 
 
-def eval_transform(image: np.ndarray, image_size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> shorter side resized to image_size*256/224, centre crop
-  uint8 [S, S, 3]."""
-  height, width = image.shape[:2]
-  short = int(image_size * EVAL_RESIZE_RATIO)
-  if height <= width:
-    new_h, new_w = short, int(short * width / height)
+def eval_transform(image, image_size: int, resize_size: int,
+                   interpolation: str = 'bicubic') -> np.ndarray:
+  """PIL image or uint8 [H, W, 3] -> shorter side resized to `resize_size` (the longer one
+  truncated, as torchvision's Resize), centre crop uint8 [S, S, 3] (resize_size >= S).
+
+  As the reference, S×S inputs at S <= 32 (CIFAR-sized) are used as they are: no resize, no
+  crop. (The reference cannot batch other sizes there; they take the usual path.)
+  """
+  img = _as_pil(image)
+  if image_size <= NO_RESIZE_MAX and img.size == (image_size, image_size):
+    return np.asarray(img)
+  width, height = img.size
+  if width <= height:
+    size = resize_size, int(resize_size * height / width)
   else:
-    new_h, new_w = int(short * height / width), short
-  resized = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR)
-  top = int(round((new_h - image_size) / 2))
-  left = int(round((new_w - image_size) / 2))
-  return np.asarray(resized)[top:top + image_size, left:left + image_size]
+    size = int(resize_size * width / height), resize_size
+  if size != img.size:
+    img = img.resize(size, _filter(interpolation))
+  top = int(round((size[1] - image_size) / 2))
+  left = int(round((size[0] - image_size) / 2))
+  return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
@@ -392,6 +545,9 @@ class _Plan:
   crop_scale: tuple[float, float]
   flip: bool
   on_corrupt: str
+  train_interpolation: str
+  eval_interpolation: str
+  eval_resize: int
 
 
 def _read(plan: _Plan, index: int) -> tuple[np.ndarray, int]:
@@ -425,31 +581,39 @@ def _train_batch(plan: _Plan, step: int) -> dict[str, np.ndarray]:
   for slot, index in enumerate(indices):
     rng = np.random.default_rng([plan.seed, _AUGMENT_TAG, step, first_slot + slot])
     image, label = _read(plan, int(index))
-    images.append(train_transform(image, rng, plan.image_size, plan.crop_scale, plan.flip))
+    images.append(train_transform(image, rng, plan.image_size, plan.crop_scale, plan.flip,
+                                  plan.train_interpolation))
     labels.append(label)
   return {'image': normalize(np.stack(images), plan.mean, plan.std),
           'label': np.asarray(labels, np.int32)}
 
 
 def _eval_batch(plan: _Plan, batch: int) -> dict[str, np.ndarray]:
+  """A corrupt record is skipped (mask 0) and counted, never replaced by another example,
+  which would count that one twice."""
   num_examples = len(plan.source)
   positions = eval_positions(batch, num_examples=num_examples,
                              global_batch=plan.global_batch,
                              process_index=plan.process_index,
                              process_count=plan.process_count)
   blank = np.zeros((plan.image_size, plan.image_size, 3), np.uint8)
-  images, labels = [], []
-  for position in positions:
+  images, labels, skipped = [], [], np.zeros(len(positions), np.float32)
+  for slot, position in enumerate(positions):
+    image, label = blank, 0
     if position < num_examples:
-      image, label = _read(plan, int(position))
-      images.append(eval_transform(image, plan.image_size))
-      labels.append(label)
-    else:
-      images.append(blank)
-      labels.append(0)
+      try:
+        image, label = plan.source[int(position)]
+        image = eval_transform(image, plan.image_size, plan.eval_resize,
+                               plan.eval_interpolation)
+      except CorruptRecordError as e:
+        logging.warning('evaluation skips a corrupt record: %s', e)
+        skipped[slot] = 1.0
+    images.append(image)
+    labels.append(label)
   return {'image': normalize(np.stack(images), plan.mean, plan.std),
           'label': np.asarray(labels, np.int32),
-          'mask': (positions < num_examples).astype(np.float32)}
+          'mask': (positions < num_examples).astype(np.float32) - skipped,
+          'skipped': skipped, 'index': positions.astype(np.int32)}
 
 
 def _make_plan(config, split: str, global_batch: int, process_index, process_count) -> _Plan:
@@ -462,6 +626,7 @@ def _make_plan(config, split: str, global_batch: int, process_index, process_cou
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   mean, std = normalization(config)
+  train_interpolation, eval_interpolation, eval_resize = transform_settings(config)
   source = make_source(config, split)
   # Opens the reader here, so loader threads share it instead of racing to load.
   if not len(source):
@@ -480,7 +645,10 @@ def _make_plan(config, split: str, global_batch: int, process_index, process_cou
       crop_scale=(config.data.get('min_crop_scale', 0.08), 1.0),
       # Digits are not mirror-symmetric.
       flip=config.data.get('random_flip', not is_mnist),
-      on_corrupt=on_corrupt)
+      on_corrupt=on_corrupt,
+      train_interpolation=train_interpolation,
+      eval_interpolation=eval_interpolation,
+      eval_resize=eval_resize)
 
 
 def _stream(batches: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:

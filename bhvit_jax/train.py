@@ -170,12 +170,21 @@ def build_train_step(config, *, total_steps: int, steps_per_epoch: int,
   return Recipe(model, tx, lr_fn, beta_fn, teacher_model, teacher_variables, step)
 
 
+def make_eval_logits(model) -> Callable:
+  """`eval_logits(state, images) -> logits` of the eval-mode model."""
+
+  def eval_logits(state: TrainState, images):
+    variables = {k: v for k, v in state.variables().items() if v}
+    return model.apply(variables, images, train=False)
+  return eval_logits
+
+
 def make_eval_step(model) -> Callable:
   """`eval_step(state, batch) -> eval_sums` of the eval-mode model."""
+  eval_logits = make_eval_logits(model)
 
   def eval_step(state: TrainState, batch):
-    variables = {k: v for k, v in state.variables().items() if v}
-    return eval_sums(model.apply(variables, batch['image'], train=False), batch)
+    return eval_sums(eval_logits(state, batch['image']), batch)
   return eval_step
 
 

@@ -28,7 +28,12 @@ def get_config(variant: str = 'tiny'):
   config.data = ml_collections.ConfigDict(dict(
       name='tfds:imagenet2012', data_dir='', image_size=224, train_split='train',
       eval_split='validation', num_workers=8, shuffle_seed=0, mean=(), std=(),
-      on_corrupt='skip', min_crop_scale=0.08, random_flip=True))
+      on_corrupt='skip', min_crop_scale=0.08, random_flip=True,
+      # The reference's transforms: bicubic eval resize to int(S / eval_crop_ratio) (256 for
+      # 224) + centre crop; bilinear RandomResizedCrop. fast_decode lets JPEGs decode at a
+      # reduced scale (faster, other pixels).
+      eval_interpolation='bicubic', train_interpolation='bilinear', eval_crop_ratio=224 / 256,
+      fast_decode=False))
 
   config.model = ml_collections.ConfigDict(dict(
       **model_lib.variant(variant), num_classes=1000, image_size=224, patch_size=4,

@@ -5,10 +5,12 @@ The suite's cost is XLA compilation; compiling the CPU kernels without LLVM's op
 subprocesses) cuts it by about a third. It changes how fast the kernels run, not what they
 compute: no fast-math is enabled at either level.
 """
+import importlib.util
 import os
 import pathlib
 
 import jax
+from PIL import Image
 import pytest
 
 os.environ['XLA_FLAGS'] = ' '.join(
@@ -30,6 +32,20 @@ def steps_public():
   path = FIXTURES / 'steps_public.npz'
   assert path.is_file(), f'reference fixture missing: {path}'
   return path
+
+
+@pytest.fixture(scope='session')
+def photos():
+  """{'china', 'flower'}: scikit-learn's two sample photographs, RGB 640x427 PIL images
+  (read from the package's files: importing sklearn.datasets takes seconds)."""
+  spec = importlib.util.find_spec('sklearn')
+  assert spec is not None, 'scikit-learn (the test extra) is needed for its sample photographs'
+  folder = pathlib.Path(spec.origin).parent / 'datasets' / 'images'
+  images = {}
+  for name in ('china', 'flower'):
+    with Image.open(folder / f'{name}.jpg') as img:
+      images[name] = img.convert('RGB')
+  return images
 
 
 @pytest.fixture

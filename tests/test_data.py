@@ -108,11 +108,17 @@ def test_random_resized_crop_falls_back_to_centre_crop():
 def test_eval_transform_resizes_short_side_then_centre_crops():
   image = np.zeros((100, 200, 3), np.uint8)
   image[:, 100:] = 255
-  out = data.eval_transform(image, 28)
-  # Short side -> int(28 * 256 / 224) = 32, so 32x64, crop columns 18..45;
-  # the black/white edge (column 32) sits in the middle of the crop.
-  assert out.shape == (28, 28, 3)
-  assert (out[:, :13] == 0).all() and (out[:, 15:] == 255).all()
+  out = data.eval_transform(image, 56, 64)
+  # Short side -> int(56 * 256 / 224) = 64, so 64x128, crop columns 36..91;
+  # the black/white edge (column 64) sits in the middle of the crop.
+  assert out.shape == (56, 56, 3)
+  assert (out[:, :26] == 0).all() and (out[:, 30:] == 255).all()
+
+
+def test_eval_transform_leaves_cifar_sized_inputs_alone():
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  np.testing.assert_array_equal(data.eval_transform(image, 32, 36), image)
+  assert not np.array_equal(data.eval_transform(image, 30, 34), image[1:31, 1:31])
 
 
 # ---------------------------------------------------- resume and sharding ---
@@ -227,7 +233,8 @@ def test_prepare_imagefolder_fails_naming_the_file_or_directory(tmp_path):
                                 splits=('val',))
 
 
-def test_loader_skips_or_fails_on_a_corrupt_record(tmp_path):
+def test_corrupt_record_fails_or_is_replaced_in_training_and_skipped_in_evaluation(
+    tmp_path):
   good = (tmp_path / 'g.jpg')
   Image.new('RGB', (8, 8), (10, 20, 30)).save(good)
   writer = array_record_module.ArrayRecordWriter(
@@ -236,11 +243,17 @@ def test_loader_skips_or_fails_on_a_corrupt_record(tmp_path):
     writer.write(record)
   writer.close()
   (tmp_path / 'labels.json').write_text(json.dumps(['a', 'b', 'c']))
-  config = make_config('imagefolder', str(tmp_path), image_size=8, batch_size=2)
+  config = make_config('imagefolder', str(tmp_path), image_size=8, batch_size=2,
+                       train_split='test', random_flip=False)
   with pytest.raises(data.CorruptRecordError, match='record 0'):
-    next(data.build_eval_iter(config, process_index=0, process_count=1))
-  config.data.on_corrupt = 'skip'
+    next(data.build_train_iter(config, process_index=0, process_count=1))
+  # Evaluation never substitutes another example: the bad one is masked out and counted.
   batch = next(data.build_eval_iter(config, process_index=0, process_count=1))
+  np.testing.assert_array_equal(batch['mask'], [0, 1])
+  np.testing.assert_array_equal(batch['skipped'], [1, 0])
+  np.testing.assert_array_equal(batch['index'], [0, 1])
+  config.data.on_corrupt = 'skip'
+  batch = next(data.build_train_iter(config, process_index=0, process_count=1))
   np.testing.assert_array_equal(batch['label'], [2, 2])
 
 

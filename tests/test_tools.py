@@ -1,11 +1,14 @@
 """tools/evaluate.py (float and packed checkpoints) against a direct numpy evaluation;
 tools/plot_training.py's PNG."""
+import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -190,3 +193,124 @@ def test_plot_training_names_a_workdir_without_metrics(tmp_path):
   run = subprocess.run([sys.executable, 'tools/plot_training.py', str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert run.returncode != 0 and 'no metrics.jsonl' in run.stderr
+
+
+# ----------------------------------------------------------- image folders ---
+
+
+def _load_tool(name):
+  spec = importlib.util.spec_from_file_location(f'{name}_tool', REPO / 'tools' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def evaluate_tool():
+  return _load_tool('evaluate')
+
+
+@pytest.fixture(scope='module')
+def photo_folder(photos, tmp_path_factory):
+  """val/<c0..c9>/: 20 crops and rescales of the sample photographs (sizes, aspect ratios,
+  odd sides, smaller than the crop) in 4 classes, the other 6 class folders empty (10 labels,
+  as the models' classifiers), plus a 0-byte JPEG."""
+  root = tmp_path_factory.mktemp('photos') / 'val'
+  rng = np.random.default_rng(0)
+  for i in range(20):
+    photo = photos[('china', 'flower')[i % 2]]
+    w, h = int(rng.integers(60, 400)), int(rng.integers(60, 400))
+    left, top = int(rng.integers(0, 640 - w)), int(rng.integers(0, 427 - h))
+    img = photo.crop((left, top, left + w, top + h))
+    if i % 3 == 0:
+      img = img.resize((max(w // 3, 1), max(h // 3, 1)), Image.LANCZOS)
+    folder = root / f'c{(i % 4) * 2}'
+    folder.mkdir(parents=True, exist_ok=True)
+    img.save(folder / f'{i:02d}.{("jpg", "png")[i % 2]}', quality=92)
+  for label in range(1, 10, 2):
+    (root / f'c{label}').mkdir()
+  (root / 'c8').mkdir()
+  (root / 'c8' / 'broken.JPEG').write_bytes(b'')
+  return root
+
+
+def _folder_pixels(root, rows, image_size):
+  """float32 [N, S, S, 3]: the images of the prediction rows through the reference's eval
+  transform, normalized."""
+  images = []
+  for row in rows:
+    with Image.open(root / row['path']) as img:
+      images.append(data_lib.eval_transform(img.convert('RGB'), image_size,
+                                            int(image_size * 256 / 224)))
+  return data_lib.normalize(np.stack(images), data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD)
+
+
+def _read_predictions(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluate_image_folder_writes_each_images_logits(tiny, evaluate_tool, photo_folder,
+                                                        tmp_path):
+  _, config, _, variables, apply, paths = tiny
+  out = tmp_path / 'predictions.jsonl'
+  # Batch 64, the shape `apply` was compiled for (rows are independent in eval mode).
+  result = evaluate_tool.evaluate_checkpoint(config, paths['npz'], batch_size=64,
+                                             data_dir=str(photo_folder), predictions=str(out))
+  rows = _read_predictions(out)
+  assert (result['examples'], result['skipped'], len(rows)) == (20, 1, 20)
+  assert [r['path'] for r in rows] == sorted(
+      str(p.relative_to(photo_folder)) for p in photo_folder.glob('*/*') if p.stat().st_size)
+  assert [r['label'] for r in rows] == [int(r['path'][1]) for r in rows]
+  pixels = _folder_pixels(photo_folder, rows, 32)
+  logits = np.asarray(apply(variables, np.resize(pixels, (64,) + pixels.shape[1:])))[:20]
+  np.testing.assert_allclose([r['logits'] for r in rows], logits, rtol=1e-5, atol=1e-6)
+  labels = np.array([r['label'] for r in rows])
+  assert [r['prediction'] for r in rows] == list(logits.argmax(1))
+  assert result['top1'] == pytest.approx(100 * np.mean(logits.argmax(1) == labels))
+
+
+def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_folder,
+                                                          case_public, tmp_path):
+  """The tool's float32 logits are the model's on the reference's pixels, and that model is
+  the official one: equal to rounding in float64. (In float32 an activation within ~1e-7 of
+  zero can flip sign between two implementations that sum in other orders, which moves the
+  logits of such an image by 1e-3 or more: shared/fixtures/README.md.)"""
+  repo = os.environ.get('BHVIT_TORCH_REPO')
+  if not repo:
+    pytest.skip('set BHVIT_TORCH_REPO to a checkout of the official BHViT repository to '
+                'compare with its PyTorch model')
+  torch = pytest.importorskip('torch')
+  from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import official  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import reference  # pylint: disable=g-import-not-at-top
+  fixture = np.load(case_public)
+  state = {k[len('state/'):]: fixture[k] for k in fixture.files if k.startswith('state/')}
+  np.savez(tmp_path / 'official.npz', **state)
+  config = ml_collections.ConfigDict(dict(
+      seed=0, batch_size=20, compute_dtype='float32',
+      model={**reference.model_config_from_reference(str(fixture['config_json'])),
+             'drop_path': 0.0},
+      data=dict(name='folder', data_dir='', image_size=224, train_split='', eval_split='',
+                num_workers=0, mean=(), std=(), eval_interpolation='bicubic',
+                eval_crop_ratio=224 / 256)))
+  out = tmp_path / 'predictions.jsonl'
+  result = evaluate_tool.evaluate_checkpoint(config, str(tmp_path / 'official.npz'),
+                                             data_dir=str(photo_folder), predictions=str(out))
+  rows = _read_predictions(out)
+  assert (result['examples'], result['skipped']) == (20, 1)
+  pixels = _folder_pixels(photo_folder, rows, 224)
+  model = train.build_model(config.model)
+  variables = convert.torch_to_flax(state, model)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  np.testing.assert_allclose([r['logits'] for r in rows], apply(variables, pixels), rtol=1e-5,
+                             atol=1e-5)
+  torch_model = official.build_torch_model(repo, config.model)
+  torch_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+  torch_model.eval().double()
+  with torch.inference_mode():
+    want = torch_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float64)))[0]
+  with jax.enable_x64(True):
+    got = np.asarray(apply(jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64),
+                                                  variables), pixels.astype(np.float64)))
+  for row, mine, ref in zip(rows, got, want.numpy()):
+    assert np.linalg.norm(mine - ref) <= 1e-9 * np.linalg.norm(ref), row['path']

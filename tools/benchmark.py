@@ -12,7 +12,13 @@ one warm-up step (`compile_s`, `warmup_s`: not timed), then times `--repeats` st
 the median as images/s. Cases run one after the other in the same invocation, so JAX and
 PyTorch numbers share the machine's load (`load_avg` is recorded before each case).
 
-Modes: `train` is the real jitted `bhvit_jax.train` step (optimizer chain of
+Modes: `data` times the input pipeline alone (`bhvit_jax.data`'s train and eval streams:
+read, JPEG decode, transform, batch, normalize) on `--data-images` JPEGs of 500x375 made from
+scikit-learn's sample photographs by crops and rescales and converted by
+tools/prepare_imagefolder.py; images/s in total and per worker process for 1, 2 and all cores'
+`data.num_workers` (0: loader threads in the calling process, which also gives images per CPU
+second, a rate per core that other load on the host does not change), after one warm-up batch.
+`train` is the real jitted `bhvit_jax.train` step (optimizer chain of
 `optim.build_optimizer`, BatchNorm updates, metrics) with the state donated; `eval` is the
 eval-mode forward; `packed` is the bit-packed XNOR-popcount inference of `bhvit_jax.packed`.
 The distillation teacher is not part of the timed step (label-smoothed CE only), and on CPU
@@ -22,9 +28,10 @@ activations are float32 unless `--compute-dtype` says otherwise.
 repository (never copied here), with `torch.set_num_threads(--threads)`; the JAX cases then use
 the PyTorch model's initial weights converted by `bhvit_jax.convert`. When `transformers` or
 `timm` are not installed, the few names the reference imports from them are provided by
-minimal stand-ins defined below.
+minimal stand-ins (`bhvit_jax.official`).
 """
 import argparse
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -35,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
+
+from bhvit_jax import official
 
 GIB = 2.0 ** 30
 # XLA on CPU allocates every step's buffers afresh; with glibc's defaults each large buffer is
@@ -44,7 +52,9 @@ GIB = 2.0 ** 30
 MALLOC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
                    'glibc.malloc.trim_threshold=68719476736')
 PRESETS = {'tiny': (2, 2, 6, 2), 'small': (3, 4, 8, 4)}
-MODES = ('train', 'eval', 'packed')
+MODES = ('train', 'eval', 'packed', 'data')
+# Side of the JPEGs of --mode data: ImageNet's typical 500x375.
+DATA_IMAGE_SIDES = (500, 375)
 
 
 # ----------------------------------------------------------- configuration ---
@@ -68,6 +78,9 @@ def preset_config(name: str):
       reg_start_fraction=0.0, reg_placement='optimizer'))
   config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, ce_weight=1.0,
                                                distill_weight=0.0))
+  config.data = ml_collections.ConfigDict(dict(
+      image_size=224, min_crop_scale=0.08, eval_interpolation='bicubic',
+      train_interpolation='bilinear', eval_crop_ratio=224 / 256, fast_decode=False))
   return config
 
 
@@ -262,81 +275,85 @@ class SkipCase(Exception):
   """A case that cannot run here (reason in the message)."""
 
 
+# ------------------------------------------------------------- input data ---
+
+
+def write_sample_jpegs(folder: str, count: int, seed: int = 0) -> None:
+  """`count` JPEGs of 500x375 (a quarter portrait) in `folder`/<class>/: random crops of
+  scikit-learn's two sample photographs, rescaled."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  photos = [Image.fromarray(p) for p in load_sample_images().images]
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    w = int(rng.integers(photo.width // 2, photo.width + 1))
+    h = min(int(w * 3 / 4), photo.height)
+    left = int(rng.integers(0, photo.width - w + 1))
+    top = int(rng.integers(0, photo.height - h + 1))
+    size = DATA_IMAGE_SIDES if i % 4 else DATA_IMAGE_SIDES[::-1]
+    image = photo.crop((left, top, left + w, top + h)).resize(size, Image.BICUBIC)
+    class_dir = os.path.join(folder, f'class{i % 10}')
+    os.makedirs(class_dir, exist_ok=True)
+    image.save(os.path.join(class_dir, f'{i:05d}.JPEG'), quality=90)
+
+
+def data_config(config, data_dir: str, batch: int, workers: int):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  fields = dict(config.data)
+  fields.update(name='imagefolder', data_dir=data_dir, train_split='train', eval_split='train',
+                num_workers=workers, shuffle_seed=0, mean=(), std=(), on_corrupt='fail')
+  return ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=fields))
+
+
+def time_stream(iterator, batches: int) -> tuple[float, float]:
+  """(wall, this process's CPU) seconds for `batches` batches after one warm-up batch (worker
+  start-up)."""
+  next(iterator)
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(batches):
+    next(iterator)
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def data_cases(config, batch: int, images: int) -> list[dict]:
+  """Records of the train and eval streams for 0 (threads), 1, 2 and all-core workers."""
+  from bhvit_jax import data  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import prepare_imagefolder  # pylint: disable=g-import-not-at-top
+  cores = os.cpu_count() or 1
+  records = []
+  with tempfile.TemporaryDirectory() as tmp:
+    write_sample_jpegs(os.path.join(tmp, 'src', 'train'), images)
+    prepare_imagefolder.prepare(os.path.join(tmp, 'src'), os.path.join(tmp, 'shards'),
+                                splits=('train',), workers=1)
+    for workers in sorted({0, 1, 2, cores}):
+      cfg = data_config(config, os.path.join(tmp, 'shards'), batch, workers)
+      for stream in ('train', 'eval'):
+        build = data.build_train_iter if stream == 'train' else data.build_eval_iter
+        batches = images // batch - 1
+        record = {'impl': 'data', 'mode': 'data', 'stream': stream, 'workers': workers,
+                  'batch': batch, 'image_size': cfg.data.image_size,
+                  'image_sides': DATA_IMAGE_SIDES, 'fast_decode': bool(cfg.data.fast_decode),
+                  'load_avg': os.getloadavg()[0], 'cores': cores, 'cpu': cpu_name()}
+        iterator = build(cfg, process_index=0, process_count=1)
+        seconds, cpu_seconds = time_stream(iterator, batches)
+        if stream == 'train':
+          iterator.close()
+        else:
+          collections.deque(iterator, maxlen=0)  # the last batch; its workers then exit
+        rate = batches * batch / seconds
+        record.update(images_per_s=rate,
+                      images_per_s_per_worker=rate / workers if workers else None)
+        if not workers:
+          # CPU time of the loader threads: the per-core rate, whatever else runs on the host.
+          record['images_per_cpu_s'] = batches * batch / cpu_seconds
+        records.append(record)
+  return records
+
+
 # ----------------------------------------------------------------- PyTorch ---
-
-
-def _install_reference_stand_ins():
-  """Minimal stand-ins for the names the reference takes from transformers and timm."""
-  import torch  # pylint: disable=g-import-not-at-top
-
-  def module(name, **attrs):
-    mod = types.ModuleType(name)
-    mod.__dict__.update(attrs)
-    sys.modules[name] = mod
-    return mod
-
-  try:
-    import transformers  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    output = lambda name: type(name, (dict,), {})
-    module('transformers', ViTConfig=types.SimpleNamespace)
-    module('transformers.activations', ACT2FN={'gelu': torch.nn.GELU()})
-    module('transformers.modeling_outputs', BaseModelOutput=output('BaseModelOutput'),
-           BaseModelOutputWithPooling=output('BaseModelOutputWithPooling'),
-           ImageClassifierOutput=output('ImageClassifierOutput'))
-    import logging  # pylint: disable=g-import-not-at-top
-    module('transformers.utils', logging=types.SimpleNamespace(get_logger=logging.getLogger))
-  try:
-    import timm  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-
-    class DropPath(torch.nn.Module):
-
-      def __init__(self, rate=0.0):
-        super().__init__()
-        self.rate = rate
-
-      def forward(self, x):
-        if not self.training or not self.rate:
-          return x
-        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) >= self.rate
-        return x * keep / (1 - self.rate)
-
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    module('timm')
-    module('timm.models')
-    module('timm.models.layers', trunc_normal_=torch.nn.init.trunc_normal_, DropPath=DropPath,
-           to_2tuple=pair)
-
-
-def build_torch_model(repo: str, model_config):
-  """The official `BHViTForImageClassification` with the flags of `model_config`."""
-  import torch  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.join(repo, 'transformer')):
-    raise FileNotFoundError(f'--torch-repo {repo}: no transformer/ package (expected a checkout '
-                            'of the official BHViT repository)')
-  _install_reference_stand_ins()
-  sys.path.insert(0, repo)
-  reference_models = importlib.import_module('models')
-  from transformer.BHViT import BHViTForImageClassification  # pylint: disable=g-import-not-at-top
-  m = model_config
-  depths = list(m.depths)
-  n_conv = depths[0] + depths[1]
-  config = types.SimpleNamespace(
-      hidden_size=list(m.hidden_sizes), depths=depths, num_attention_heads=list(m.num_heads),
-      intermediate_size=list(m.mlp_sizes), num_hidden_layersA=n_conv,
-      num_hidden_layersB=sum(depths) - n_conv, image_size=m.image_size,
-      patch_size=m.patch_size, num_channels=3, hidden_act='gelu', hidden_dropout_prob=0.0,
-      attention_probs_dropout_prob=0.0, layer_norm_eps=1e-5, qkv_bias=True,
-      chunk_size_feed_forward=0, output_attentions=False, output_hidden_states=False,
-      use_return_dict=False, drop_path=m.drop_path, num_labels=m.num_classes,
-      shift3=m.shift3, shift5=m.shift5, disable_layerscale=m.disable_layerscale,
-      enable_cls_token=False, gsb=m.gsb, recu=m.recu, weight_bits=m.weight_bits,
-      input_bits=m.input_bits, some_fp=m.some_fp,
-      norm_layer=reference_models.BatchNormT if m.norm == 'batch' else torch.nn.LayerNorm)
-  if m.image_size != 224 or m.patch_size != 4 or m.window_size != 7:
-    raise SkipCase('the reference hard-codes 224² inputs, patch 4 and window 7')
-  return BHViTForImageClassification(config)
 
 
 def torch_case(config, mode: str, batch: int, repeats: int, repo: str, threads: int,
@@ -345,7 +362,7 @@ def torch_case(config, mode: str, batch: int, repeats: int, repo: str, threads: 
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = build_torch_model(repo, config.model)
+  model = official.build_torch_model(repo, config.model)
   if weights_out:
     # numpy arrays, so that the JAX cases load them without importing torch (whose ~0.2 GiB
     # would count in their peak memory).
@@ -400,7 +417,7 @@ def run_case(args) -> dict:
     else:
       timing, machine = torch_case(config, args.mode, args.batch, args.repeats, args.torch_repo,
                                    args.threads, args.weights)
-  except SkipCase as e:
+  except (SkipCase, official.UnsupportedConfig) as e:
     record['skipped'] = str(e)
     return record
   step_s = median(timing.step_s)
@@ -423,6 +440,8 @@ def parse_args(argv=None):
   parser.add_argument('--mode', default='train,eval',
                       help=f'comma-separated subset of {",".join(MODES)}')
   parser.add_argument('--repeats', type=int, default=5, help='timed steps (median reported)')
+  parser.add_argument('--data-images', type=int, default=256,
+                      help='JPEGs streamed per --mode data case')
   parser.add_argument('--compute-dtype', default='auto',
                       help="'auto' (float32 on CPU, the config's compute_dtype elsewhere), "
                            "'float32' or 'bfloat16'")
@@ -474,6 +493,11 @@ def _run_subprocess(argv, tunables: bool) -> dict:
 
 def _describe(r: dict) -> str:
   head = f"{r.get('impl', '?'):>5} {r.get('mode', '?'):>6} batch {r.get('batch', '?')}"
+  if r.get('impl') == 'data':
+    per_worker = (f"{r['images_per_s_per_worker']:.1f} per worker" if r['workers'] else
+                  f"loader threads: {r['images_per_cpu_s']:.1f} per CPU second")
+    return (f"{head} {r['stream']:>5} stream, {r['workers']} workers: "
+            f"{r['images_per_s']:7.1f} images/s ({per_worker}) (load {r['load_avg']:.1f})")
   if 'error' in r:
     return f'{head}: FAILED {r["error"]}'
   if 'skipped' in r:
@@ -495,6 +519,11 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     weights = os.path.join(tmp, 'reference_init.npz') if args.torch_repo else ''
     for mode in args.modes:
+      if mode == 'data':
+        for record in data_cases(resolve_config(args), args.batch, args.data_images):
+          records.append(record)
+          print(json.dumps(record) if args.json else _describe(record), flush=True)
+        continue
       impls = ['torch', 'jax'] if args.torch_repo else ['jax']
       for impl in impls:
         tunables = args.malloc == 'tuned' and impl == 'jax'
@@ -506,7 +535,20 @@ def main(argv=None):
         if len(by_impl) == 2:
           print(f"  {mode}: jax/torch = "
                 f"{by_impl['jax']['images_per_s'] / by_impl['torch']['images_per_s']:.2f}x")
+  if not args.json:
+    _print_bottleneck(records)
   return 1 if any('error' in r for r in records) else 0
+
+
+def _print_bottleneck(records):
+  """Which of the input pipeline (all workers) and the JAX train step limits training."""
+  model = [r['images_per_s'] for r in records if r.get('impl') == 'jax' and r.get('mode') ==
+           'train' and 'images_per_s' in r]
+  feed = [r['images_per_s'] for r in records if r.get('impl') == 'data' and
+          r['stream'] == 'train']
+  if model and feed:
+    print(f'train step {model[0]:.1f} images/s vs input pipeline up to {max(feed):.1f} '
+          f"images/s: {'the input pipeline' if max(feed) < model[0] else 'the model'} limits")
 
 
 if __name__ == '__main__':

@@ -5,19 +5,33 @@ r"""Top-1, top-5 and mean cross-entropy of a checkpoint on one split of the conf
       --config.data.data_dir=/data/imagenet --split eval --json result.json
 
   python tools/evaluate.py --config configs/demo.py --checkpoint demo.packed
+  python tools/evaluate.py --config configs/bhvit_tiny.py --checkpoint BHViT_tiny.pth \
+      --data /data/imagenet/val --predictions val_predictions.jsonl
 
 --checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train`, a `.msgpack` of
 Flax variables, a PyTorch `.pth`/`.pt` (or numpy `.npz`) state dict of the official BHViT, or a
 bit-packed file of tools/export_packed.py (any other name; evaluated with the XNOR-popcount
 inference, the fastest on CPU). --split: 'eval' (the config's data.eval_split, default), 'train'
 (data.train_split, with the eval transform) or a split name. It uses the training loop's
-evaluation (train.eval_sums / train.evaluate).
+evaluation (train.eval_sums / train.evaluate) and the config's eval transform (the reference's:
+bicubic resize to int(S / data.eval_crop_ratio), centre crop).
+
+--data DIR evaluates the images of DIR/<class>/... directly, without a conversion step: classes
+are DIR's sub-directories sorted by name (label = position, as torchvision's ImageFolder), and
+files with torchvision's image extensions count. The model must have as many classes as DIR has
+class folders (an empty folder keeps its label). An image that does not decode is skipped and
+counted (`skipped`), never replaced by another one. --predictions writes one JSON object per
+evaluated image: `path` (relative to --data; `index` into the split otherwise), `label`,
+`prediction` (the top-1 class) and `logits` (float32 values).
 """
+import functools
 import json
+import os
 
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 import optax
 
 from bhvit_jax import checkpoint as ckpt_lib
@@ -33,6 +47,9 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
 _SPLIT = flags.DEFINE_string('split', 'eval', "'eval', 'train' or a split name")
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'evaluation batch (0: config.batch_size)')
 _JSON = flags.DEFINE_string('json', '', 'also write the result as JSON to this path')
+_DATA = flags.DEFINE_string('data', '', 'image folder DIR/<class>/<image> to evaluate '
+                            '(instead of the config data set)')
+_PREDICTIONS = flags.DEFINE_string('predictions', '', 'write per-image logits (JSON lines)')
 # --config (a config file, with --config.x=... overrides) is the flag bhvit_jax.train defines
 # when imported; absl allows one definition, so this tool parses that one.
 FLAGS = flags.FLAGS
@@ -42,24 +59,88 @@ def split_name(config, split: str) -> str:
   return {'eval': config.data.eval_split, 'train': config.data.train_split}.get(split, split)
 
 
-def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0
-                        ) -> dict:
-  """{'top1', 'top5' (%), 'loss', 'examples', 'split', 'checkpoint'} of `checkpoint`."""
+def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0,
+                        data_dir: str = '', predictions: str = '') -> dict:
+  """{'top1', 'top5' (%), 'loss', 'examples', 'skipped', 'split', 'checkpoint'} of
+  `checkpoint` on `split` of the config's data set, or on the image folder `data_dir`;
+  `predictions`: path of the per-image JSON lines to write."""
+  config = eval_config(config, split, batch_size, data_dir)
   if ckpt_lib.is_packed_file(checkpoint):
-    model, arrays = packed.load(checkpoint)
-    step, state = jax.jit(lambda a, batch: train.eval_sums(
-        packed.apply(model, a, batch['image']), batch)), arrays
+    model, state = packed.load(checkpoint)
+    logits_fn = functools.partial(packed.apply, model)
   else:
     model, state = _float_model_state(config, checkpoint)
-    step = jax.jit(train.make_eval_step(model))
+    logits_fn = train.make_eval_logits(model)
   _check_data(config, model)
+  source = data_lib.make_source(config, config.data.eval_split)
+  with _PredictionWriter(predictions, source) as writer:
+    step = _EvalStep(jax.jit(logits_fn), writer)
+    result = train.evaluate(step, state, data_lib.build_eval_iter(config))
+  return {'checkpoint': checkpoint, 'split': data_dir or config.data.eval_split, **result,
+          'skipped': step.skipped}
+
+
+def eval_config(config, split: str, batch_size: int, data_dir: str):
+  """`config` reading `split`, or every split from the image folder `data_dir`."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.eval_split = split_name(config, split)
+    if data_dir:
+      if not os.path.isdir(data_dir):
+        raise config_lib.UserError(f'--data {data_dir!r} is not a directory')
+      config.data.update(name='folder', data_dir=data_dir, train_split='', eval_split='')
     if batch_size:
       config.eval_batch_size = batch_size
-  result = train.evaluate(step, state, data_lib.build_eval_iter(config))
-  return {'checkpoint': checkpoint, 'split': config.data.eval_split, **result}
+  return config
+
+
+class _EvalStep:
+  """train.evaluate's step: sums of one batch; counts skipped images, records predictions."""
+
+  def __init__(self, logits_fn, writer):
+    self._logits_fn = logits_fn
+    self._sums = jax.jit(train.eval_sums)
+    self._writer = writer
+    self.skipped = 0
+
+  def __call__(self, state, batch):
+    logits = self._logits_fn(state, batch['image'])
+    self.skipped += int(np.sum(batch['skipped']))
+    self._writer.write(batch, logits)
+    return self._sums(logits, {'label': batch['label'], 'mask': batch['mask']})
+
+
+class _PredictionWriter:
+  """JSON lines of per-image predictions, written to `path` + '.tmp' and renamed when done."""
+
+  def __init__(self, path: str, source):
+    self._path, self._source, self._file = path, source, None
+
+  def __enter__(self):
+    if self._path:
+      self._file = open(self._path + '.tmp', 'w')
+    return self
+
+  def __exit__(self, exc_type, *_):
+    if self._file:
+      self._file.close()
+      if exc_type is None:
+        os.replace(self._path + '.tmp', self._path)
+      else:
+        os.remove(self._path + '.tmp')
+
+  def write(self, batch, logits):
+    if not self._file:
+      return
+    logits = np.asarray(logits, np.float32)
+    relative_path = getattr(self._source, 'relative_path', None)
+    for row in np.flatnonzero(batch['mask'] > 0):
+      index = int(batch['index'][row])
+      where = {'path': relative_path(index)} if relative_path else {'index': index}
+      record = {**where, 'label': int(batch['label'][row]),
+                'prediction': int(np.argmax(logits[row])),
+                'logits': [float(x) for x in logits[row]]}
+      self._file.write(json.dumps(record) + '\n')
 
 
 def _float_model_state(config, checkpoint: str):
@@ -79,7 +160,8 @@ def _check_data(config, model):
 
 def format_table(result: dict) -> str:
   rows = [('checkpoint', result['checkpoint']),
-          ('split', f"{result['split']} ({result['examples']} examples)"),
+          ('split', f"{result['split']} ({result['examples']} examples, "
+                    f"{result['skipped']} unreadable skipped)"),
           ('top-1', f"{result['top1']:.2f} %"), ('top-5', f"{result['top5']:.2f} %"),
           ('mean loss', f"{result['loss']:.4f}")]
   return '\n'.join(f'{name:<11}{value}' for name, value in rows)
@@ -89,10 +171,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value)
+    result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value,
+                                 _DATA.value, _PREDICTIONS.value)
   except main_lib.USER_ERRORS as e:
     config_lib.fail(str(e))
   print(format_table(result))
+  if _PREDICTIONS.value:
+    print(f'wrote {_PREDICTIONS.value}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(result, f, indent=2)

@@ -132,7 +132,9 @@ def load_image(spec, image_size, fixture=None):
     return data.normalize(pixels, data.MNIST_MEAN, data.MNIST_STD)
   if not os.path.isfile(spec):
     raise FileNotFoundError(f'--image {spec!r}: not a file, mnist:IDX or fixture:IDX')
-  pixels = data.eval_transform(np.asarray(Image.open(spec).convert('RGB')), image_size)
+  with Image.open(spec) as img:
+    pixels = data.eval_transform(img.convert('RGB'), image_size,
+                                 int(image_size / data.EVAL_CROP_RATIO))
   return data.normalize(pixels, data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 
