@@ -119,7 +119,8 @@ def channel_param(module: nn.Module, name: str, init: Callable, x, channel_axes:
 
   Wide activations travel as `[..., k, C/k]` views: elementwise work then broadcasts a narrow
   residual along a non-minor axis, which XLA's CPU backend vectorizes (a `[..., k·C]` tile is
-  ~4x slower), while the parameters keep the reference's flat layout.
+  several times slower; docs/performance.md), while the parameters keep the reference's flat
+  layout.
   """
   shape = x.shape[x.ndim - channel_axes:]
   return module.param(name, init, (math.prod(shape),)).reshape(shape).astype(x.dtype)
@@ -226,8 +227,7 @@ def batch_norm(x, scale, bias, first_channel):
 
   Statistics are over the axes before `first_channel` (biased variance). Returns
   `(y, mean, var)`. The gradient is written out so that the backward pass keeps only x and
-  two per-channel vectors; autodiff keeps ~4 tensors of x's size per norm (BHViT-tiny,
-  batch 16: training memory −0.3 GiB, no slower).
+  two per-channel vectors; autodiff keeps ~4 tensors of x's size per norm.
   """
   mean, var = _moments(x, tuple(range(first_channel)))
   return _normalize(x, mean, var, scale, bias), mean, var
@@ -276,7 +276,7 @@ def shift_residuals(x, scales):
   +reach/-reach along H, then along W. Each is linear in rolls of x along H or W, so all of
   them fold into per-channel weights on at most nine rolled copies. Summed path by path,
   XLA:CPU emits every roll as a concatenation inside one fused loop and does not vectorize
-  it (stage 1 of tiny, batch 16: 23.5 → 7.7 ms forward, 50 → 20 ms with gradients).
+  it (docs/performance.md gives the measured difference).
 
   Args:
     x: `[B, H, W, C]`, C divisible by 4.
@@ -319,8 +319,8 @@ def _roll_stencil_bwd(offsets, residuals, g):
   # The input gradient is the mirrored stencil applied to g (a per-channel weight commutes
   # with a spatial roll) and each weight's is sum(roll(g, -shift) * x), so the backward pass
   # reads nine rolls of g and x itself. g comes opaque: XLA:CPU otherwise fuses its whole
-  # producer (the residual stream's gradient) into every roll (train step 4.44 → 4.65
-  # images/s for tiny); rolls of x would be merged with the forward's and kept alive.
+  # producer (the residual stream's gradient) into every roll; rolls of x would be merged
+  # with the forward's and kept alive.
   x, weights = residuals
   g = remat.opaque(g, g)
   dx = roll_stencil(g, weights, tuple((axis, -shift) for axis, shift in offsets))

@@ -91,7 +91,7 @@ class Projection(nn.Module):
       k = c // f
       runs = xv.reshape(lead + (k, f // k, k))
       # Inference sums strided slices, which XLA's CPU backend keeps out of the next matmul's
-      # fusion (a reduction fused there is ~4x slower); training reduces, because a slice's
+      # fusion (a reduction fused there is much slower); training reduces, because a slice's
       # gradient is a padded copy per slice while a reduction's is one broadcast.
       runs = jnp.mean(runs, axis=-1) if train else sum(runs[..., j] for j in range(k)) / k
       residual, out_axes = runs.reshape(lead + (f,)), 1
@@ -101,7 +101,7 @@ class Projection(nn.Module):
     if f > c and not train:
       # Materialized once for its two readers (the output projection's sign and its run
       # means); XLA:CPU otherwise recomputes the whole chain inside both, written out in the
-      # flat layout it does not vectorize: tiny eval 21 → 29 images/s.
+      # flat layout it does not vectorize.
       y = remat_lib.opaque(y, y)
     if self.layerscale:
       y = LayerScale(name='layerscale', channel_axes=out_axes)(y)
@@ -122,8 +122,7 @@ def norm_residual_act(module, y, residual, train, suffix='', channel_axes=1):
 
   In training the chain is recomputed in the backward pass from y and the residual
   (`remat.recompute`): it is elementwise work plus two per-channel reductions, while keeping
-  autodiff's intermediates costs ~2 more activations of y's size per use (for BHViT-tiny,
-  batch 16: ~0.4 GiB less training memory, no slower).
+  autodiff's intermediates costs ~2 more activations of y's size per use.
   """
   fn = _recomputed_norm_residual_act if train else _norm_residual_act
   return fn(module, y, residual, train, suffix, channel_axes)
@@ -157,8 +156,7 @@ def pool_global_tokens(x, w, a1):
   mx = nn.max_pool(x, (w, w), strides=(w, w), padding=((p, p),) * 2)
   b, gh, gw, c = mx.shape
   # The average (zero padding counted) as a sum over a `[B, G, w, G, w, C]` view: its gradient
-  # is a broadcast, where a reduce-window's is another reduce-window (~10 ms per stage-3 block
-  # of BHViT-tiny's training step on CPU).
+  # is a broadcast, where a reduce-window's is another reduce-window.
   xp = jnp.pad(x, ((0, 0), (p, max(0, gh * w - x.shape[1] - p)),
                    (p, max(0, gw * w - x.shape[2] - p)), (0, 0)))[:, :gh * w, :gw * w]
   avg = jnp.sum(xp.reshape(b, gh, w, gw, w, c), axis=(2, 4)) / (w * w)
@@ -476,7 +474,7 @@ def variant(name: str) -> dict:
 
 def resolve_split_groups(value) -> bool:
   """`split_groups` as used: 'auto' is per-group on CPU (XLA:CPU's grouped convolution is
-  ~20x slower than one convolution per group) and grouped elsewhere."""
+  far slower than one convolution per group; docs/performance.md) and grouped elsewhere."""
   if isinstance(value, str):
     if value.lower() == 'auto':
       return jax.default_backend() == 'cpu'

@@ -61,8 +61,8 @@ def _pack(*bits):
     b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, words * WORD_BITS - k)])
     return b.reshape(b.shape[:-1] + (words, WORD_BITS)).astype(jnp.uint32) << shifts
 
-  # One variadic reduction: XLA reads the values once for all planes (two reductions read
-  # a [16, 56, 56, 512] activation twice, 5.6 vs 2.8 ms).
+  # One variadic reduction: XLA reads the values once for all planes, where one reduction
+  # per plane reads them once each.
   return jax.lax.reduce(tuple(split(b) for b in bits), (np.uint32(0),) * len(bits),
                         lambda a, b: tuple(u | v for u, v in zip(a, b)), (bits[0].ndim,))
 

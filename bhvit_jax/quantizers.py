@@ -137,7 +137,7 @@ def _weight_grad(a, g, mask):
   """`(aᵀ g) ⊙ mask` for a `[N, K]`, g `[N, O]`.
 
   XLA's CPU matmul wants the product's shorter side first: the other orientation makes it
-  transpose the wide operand in memory (2-5x slower on the wide MLP activations). The barrier
+  transpose the wide operand in memory (much slower on the wide MLP activations). The barrier
   keeps the small transpose back from being folded into the product.
   """
   if a.shape[1] <= g.shape[1]:

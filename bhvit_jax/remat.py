@@ -82,10 +82,9 @@ def recompute_in_backward(fun):
       cotangents = list(cotangents[:n_out])
       # Inputs that exist only once the cotangents do: the recomputation is neither merged
       # with the forward pass nor scheduled before the backward pass reaches it. `after`, not
-      # `opaque`: passing the inputs through a conditional copied each of them (BHViT-tiny
-      # train step peak 5.0 → 4.5 GiB without the copies). The function itself runs outside
-      # any conditional (XLA:CPU does not canonicalize convolutions inside one; their
-      # gradients ran ~10x slower there), and parameters are not touched.
+      # `opaque`: passing the inputs through a conditional copied each of them. The function
+      # itself runs outside any conditional (XLA:CPU does not canonicalize convolutions inside
+      # one, so their gradients run far slower there), and parameters are not touched.
       flat = after(tuple(flat[:n_inputs]), cotangents[0]) + tuple(flat[n_inputs:])
 
       def out_of(*floats):
