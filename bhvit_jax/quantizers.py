@@ -119,11 +119,25 @@ def _sign_operand(x):
   return jnp.sign(x).astype(jnp.bfloat16 if x.dtype in (jnp.float32, jnp.bfloat16) else x.dtype)
 
 
+# How each backend multiplies {-1, 0, 1} operands; both are exact (integer sums accumulated in
+# float32 below 2**24 terms, or in int32). int8 operands with int32 accumulation run at twice
+# bfloat16's peak on GPU tensor cores and TPU MXUs; a backend switches to 'int8' once
+# tools/benchmark.py measures it faster there (docs/performance.md). Unlisted: 'bfloat16'.
+SIGN_PRODUCT = {'cpu': 'bfloat16'}
+
+
+def _sign_product(a, w_sign, out_dtype):
+  """sign(x) `[..., *K]` · sign(W) `[*K, O]` in `out_dtype`, with the backend's operand type."""
+  if SIGN_PRODUCT.get(jax.default_backend(), 'bfloat16') == 'int8':
+    return _contract(a.astype(jnp.int8), w_sign.astype(jnp.int8), jnp.int32).astype(out_dtype)
+  return _contract(a, w_sign.astype(a.dtype), out_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _binary_matmul(x, latent, scale, bound, sign_input):
   if sign_input:
-    a = _sign_operand(x)
-    y = _contract(a, jnp.sign(latent).astype(a.dtype), jnp.promote_types(x.dtype, jnp.float32))
+    y = _sign_product(_sign_operand(x), jnp.sign(latent),
+                      jnp.promote_types(x.dtype, jnp.float32))
   else:
     y = _contract(x, jnp.sign(latent).astype(x.dtype))
   return y.astype(x.dtype) * scale.reshape(-1).astype(x.dtype)

@@ -1,6 +1,7 @@
 """Each quantizer against values worked out by hand from SPEC.md §2."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +138,23 @@ def test_quantizers_keep_dtype_and_compose_with_transforms(fn):
                              rtol=1e-4, atol=1e-5)
   per_row = jax.vmap(jax.grad(lambda v: jnp.sum(fn(v[None]) ** 2)))(x)
   assert per_row.shape == x.shape and np.all(np.isfinite(per_row))
+
+
+def test_int8_sign_products_equal_the_bfloat16_ones(monkeypatch):
+  """The accelerator option (int8 operands, int32 accumulation) gives the default's numbers."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 6, 40)), jnp.float32).at[0, 0, :5].set(0.0)
+  w = jnp.asarray(rng.normal(size=(40, 24)), jnp.float32)
+
+  def outputs():
+    f = lambda x, w: jnp.sum(q.binary_matmul(x, w, 1, 1) ** 2)
+    return jax.jit(lambda x, w: (q.binary_matmul(x, w, 1, 1), jax.grad(f, (0, 1))(x, w)))(x, w)
+
+  default = outputs()
+  monkeypatch.setitem(q.SIGN_PRODUCT, jax.default_backend(), 'int8')
+  int8 = outputs()
+  lowered = jax.jit(lambda x, w: q.binary_matmul(x, w, 1, 1)).lower(x, w).as_text()
+  assert 'xi8>' in lowered and 'xi32>' in lowered  # the int8 product is the one compiled
+  chex.assert_trees_all_equal(default, int8)
+  want = (np.sign(np.asarray(x)) @ np.sign(np.asarray(w - w.mean(0)))) * np.abs(w).mean(0)
+  np.testing.assert_allclose(int8[0], want, rtol=1e-6)
