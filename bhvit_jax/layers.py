@@ -39,7 +39,7 @@ class BinaryDense(nn.Module):
   Attributes:
     features: output width.
     weight_bits / input_bits: 1 (binarized) or 32 (plain float).
-    recu: ReCU weight normalization (SPEC §2).
+    recu: ReCU weight normalization (docs/reference.md §2).
     use_bias: the reference's binary linears have none; the classifier has one.
     channel_axes: how many trailing axes of the input form its channels (a wide activation
       may arrive as a `[..., k, C]` view of its `k·C` channels); the kernel is `[k·C, out]`.

@@ -1,4 +1,4 @@
-"""Losses of the BHViT recipe (SPEC §5): label-smoothed CE, distillation, oscillation regularizer."""
+"""Losses of the BHViT recipe (docs/reference.md §5): label-smoothed CE, distillation, oscillation regularizer."""
 from typing import Any, Optional
 
 import jax
@@ -62,7 +62,7 @@ def _abs_jvp(primals, tangents):
 
 
 def oscillation_regularizer(params: PyTree, mask: Optional[PyTree] = None):
-  """R = mean over selected layers of Σ| |W| − 1 | / numel(W) (SPEC §5).
+  """R = mean over selected layers of Σ| |W| − 1 | / numel(W) (docs/reference.md §5).
 
   Args:
     params: parameter pytree.

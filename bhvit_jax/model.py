@@ -1,4 +1,4 @@
-"""BHViT, the Binarized Hybrid Vision Transformer, in Flax linen (SPEC.md §4).
+"""BHViT, the Binarized Hybrid Vision Transformer, in Flax linen (docs/reference.md §4).
 
 Layout is NHWC throughout; `[B, H, W, C]` flattened over (H, W) is exactly the reference's
 row-major token order, so no transposes are needed between grid and token views. Module and
@@ -632,7 +632,7 @@ def calibrate(model: BHViT, variables, images):
   """The non-gsb attention quantizer's first-batch calibration as an explicit, pure step.
 
   Runs one train-mode forward in which every uncalibrated quantizer sets α and z from its
-  input (SPEC §2) and uses them. Returns `(variables, logits)`: params with the calibrated α,
+  input (docs/reference.md §2) and uses them. Returns `(variables, logits)`: params with the calibrated α,
   z and `quant_state` flags set; batch statistics are left as they were (the first train
   step updates them, as the reference's first forward does once).
   """

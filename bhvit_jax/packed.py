@@ -5,7 +5,7 @@ File (msgpack via `flax.serialization`), a dict:
 - `binary/<module path>`: every binarized layer: `sign` uint32 `[O, ceil(K/32)]`, the bits
   (w > 0) of its binarized weight packed LSB-first along the fan-in axis K (dense: `in`; conv:
   the im2col order (kh, kw, c_in/groups)); `nonzero` (same shape) only when some centred weight
-  is exactly 0 (sign(0) = 0, SPEC §7); `scale`, `shift` `[O]`: the per-output affine applied to
+  is exactly 0 (sign(0) = 0, docs/reference.md §7); `scale`, `shift` `[O]`: the per-output affine applied to
   the integer dot product. `scale` is s_o = mean|W_o| of the raw latent weight, times the
   following eval-mode BatchNorm when one directly follows the layer (`FOLLOWING_NORM`); `shift`
   is the conv bias or that BatchNorm's shift.

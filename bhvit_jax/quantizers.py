@@ -2,7 +2,7 @@
 
 Every function keeps the dtype of its input and works under `jit`, `grad`, `vmap` and
 `jax.checkpoint`. Where the reference defines its own backward rule, the rule is written as a
-`jax.custom_vjp`; the formulas follow SPEC.md §2 exactly (inclusive clip masks, gradients of the
+`jax.custom_vjp`; the formulas follow docs/reference.md §2 exactly (inclusive clip masks, gradients of the
 weight straight-through estimator *not* multiplied by the scale, α floored at 1e-5).
 """
 import functools
@@ -95,7 +95,7 @@ def weight_signs(w):
 
 
 def binarize_weight(w, recu=False):
-  """Binarizes a kernel per output channel (the last axis), SPEC §2.
+  """Binarizes a kernel per output channel (the last axis), docs/reference.md §2.
 
   Args:
     w: latent kernel, `[..., out]` (Dense `[in, out]`, conv HWIO `[kh, kw, in/g, out]`).
@@ -207,7 +207,7 @@ def maybe_sign(x, bits):
 
 
 def _gsb_masks(p, alpha):
-  """The three 0/1 maps of quantization decomposition (T0 may be -1, SPEC §2)."""
+  """The three 0/1 maps of quantization decomposition (T0 may be -1, docs/reference.md §2)."""
   q = p / alpha
   rounded = jnp.clip(jnp.round(q), 0, 1)
   row_max = jnp.max(q, axis=-1, keepdims=True)

@@ -297,7 +297,7 @@ def _resume(config, checkpoints, state, rng, block):
 
 
 def _calibrate(model, state: TrainState, images) -> TrainState:
-  """The non-gsb quantizers' first-batch calibration (SPEC §2) before the first step."""
+  """The non-gsb quantizers' first-batch calibration (docs/reference.md §2) before the first step."""
   calibrated, _ = jax.jit(functools.partial(model_lib.calibrate, model))(
       state.variables(), images)
   return state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])

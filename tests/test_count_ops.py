@@ -40,7 +40,7 @@ def test_published_small_counts():
 
 
 def _hand_counts(m):
-  """BOPs and FLOPs of SMALL written out from SPEC §4 (batch 1)."""
+  """BOPs and FLOPs of SMALL written out from docs/reference.md §4 (batch 1)."""
   grids = [m['image_size'] // m['patch_size'] // 2 ** s for s in range(4)]
   c, r, w = m['hidden_sizes'], m['mlp_sizes'], m['window_size']
   flops = grids[0] ** 2 * c[0] * (m['patch_size'] ** 2 * 3) + c[3] * m['num_classes']

@@ -1,4 +1,4 @@
-"""Real photographs through the reference's transforms (SPEC §8) and the ImageFolder paths:
+"""Real photographs through the reference's transforms (docs/reference.md §8) and the ImageFolder paths:
 pixel equality with torchvision's rules written here with PIL primitives, and the defined
 outcome of every awkward input of a converted data set."""
 

@@ -1,4 +1,4 @@
-"""BHViT at small size: every flag of SPEC §1, calibration, validation."""
+"""BHViT at small size: every flag of docs/reference.md §1, calibration, validation."""
 import math
 
 import chex

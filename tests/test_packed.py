@@ -10,8 +10,6 @@ from bhvit_jax import layers
 from bhvit_jax import packed
 from bhvit_jax import reference
 
-FIXTURE = '/work/shared/fixtures/case_public.npz'
-
 
 def _ternary(key, shape, zero_fraction=0.2):
   """Random values with a share of exact zeros, as activations/weights can have."""
@@ -73,10 +71,8 @@ def test_packed_conv_equals_float_binary_conv(kernel_size, stride, dilation, gro
 
 
 @pytest.fixture(scope='module')
-def fixture():
-  if not os.path.exists(FIXTURE):
-    pytest.skip(f'{FIXTURE} not available')
-  return reference.Fixture(FIXTURE, x64=False)
+def fixture(case_public):
+  return reference.Fixture(str(case_public), x64=False)
 
 
 def test_packed_fixture_model_size_and_logits(fixture, tmp_path):

@@ -1,4 +1,4 @@
-"""Each quantizer against values worked out by hand from SPEC.md §2."""
+"""Each quantizer against values worked out by hand from docs/reference.md §2."""
 import math
 
 import chex
@@ -46,7 +46,7 @@ def test_binarize_weight_conv_layout_per_output_channel():
 
 
 def _recu_reference(w):
-  """ReCU per SPEC: normalized weights and tau (numpy, columns are output channels)."""
+  """ReCU per docs/reference.md §2: normalized weights and tau (numpy, columns are output channels)."""
   c = w - w.mean(0, keepdims=True)
   std = np.sqrt(c.var(0, ddof=1, keepdims=True) + 1e-5)
   wn = c / (std / (2 * math.sqrt(2)))
@@ -61,7 +61,7 @@ def test_recu_forward_mask_and_gradient_through_normalization():
   g = np.random.default_rng(1).normal(size=w.shape)
   dw = jax.grad(lambda v: jnp.sum(q.binarize_weight(v, recu=True) * g))(jnp.asarray(w))
 
-  def surrogate(v):  # SPEC: the gradient is that of clip(Wn(W), -tau, tau), tau constant
+  def surrogate(v):  # docs/reference.md §2: the gradient is that of clip(Wn(W), -tau, tau), tau constant
     return np.sum(g * np.clip(_recu_reference(v)[0], -tau, tau))
 
   eps, fd = 1e-6, np.zeros_like(w)
@@ -77,7 +77,7 @@ def test_gsb_row_where_round_is_zero_but_above_threshold():
   p = jnp.array([[0.2, 0.15, 0.1, 0.05]])
   alpha, alpha2, alpha3 = jnp.array(0.5), jnp.array(2.0), jnp.array(3.0)
   # q = [.4, .3, .2, .1]: round -> 0 everywhere; T2 = [1,0,0,0], T1 = [0,1,0,0],
-  # T0 = 0 - [1,1,0,0] = [-1,-1,0,0] (kept negative, SPEC).
+  # T0 = 0 - [1,1,0,0] = [-1,-1,0,0] (kept negative, docs/reference.md §2).
   out = q.gsb_quantize(p, alpha, alpha2, alpha3)
   np.testing.assert_allclose(out, [[(-1 + 3) * 0.5, (-1 + 2) * 0.5, 0, 0]])
   grads = jax.grad(lambda *a: jnp.sum(q.gsb_quantize(*a)), argnums=(0, 1, 2, 3))(
