@@ -9,7 +9,9 @@ Three stages, in the order timm's ImageNet train transform applies them:
    drawn in normalized units, as timm erases after `Normalize`);
 3. per batch, on float32 [B, H, W, 3]: `mix_batch` (mixup or cutmix against the reversed
    batch, timm's 'batch' mode) returning soft targets [B, K] with the label smoothing folded
-   in; the loss then takes soft targets (`losses.soft_cross_entropy`).
+   in; the loss then takes soft targets (`losses.soft_cross_entropy`). `draw_mix` and
+   `apply_mix` split it into the host-side draw and the arithmetic, which also runs on
+   device.
 
 `repeated_indices` / `repeated_epoch_order` replace the epoch permutation for repeated
 augmentation (each example `num_repeats` times per epoch, the copies on different replicas).
@@ -317,22 +319,16 @@ def cutmix_box(rng: np.random.Generator, height: int, width: int, lam: float
           max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width))
 
 
-def mix_batch(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-              augment: ml_collections.ConfigDict, num_classes: int,
-              label_smoothing: float) -> tuple[np.ndarray, np.ndarray, float]:
-  """timm's Mixup in 'batch' mode: one λ per batch, each example mixed with its mirror
-  `images[::-1]`.
+def draw_mix(rng: np.random.Generator, augment: ml_collections.ConfigDict, height: int,
+             width: int) -> tuple[np.ndarray, float]:
+  """The random part of timm's Mixup in 'batch' mode: one draw per batch.
 
   With probability `mixup_prob` the batch is mixed: by cutmix with probability
   `mixup_switch_prob` when both alphas are set (else by whichever is set), λ ~ Beta(α, α);
   cutmix pastes the mirror's pixels into a box and resets λ to the kept area fraction.
-  Targets are λ·smooth(y) + (1 − λ)·smooth(y[::-1]), so smoothing applies even unmixed.
 
-  Args:
-    images: float [B, H, W, C] (normalized).
-    labels: int [B].
   Returns:
-    (images float [B, H, W, C], targets float32 [B, K] with rows summing to 1, λ).
+    (keep float32 [H, W]: each example's own weight per pixel, λ its weight in the targets).
   """
   lam, use_cutmix = 1.0, False
   mixup, cutmix = augment.mixup_alpha, augment.cutmix_alpha
@@ -340,16 +336,49 @@ def mix_batch(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < augment.mixup_switch_prob)
     alpha = cutmix if use_cutmix else mixup
     lam = float(rng.beta(alpha, alpha))
-  if lam < 1.0:
-    if use_cutmix:
-      y0, y1, x0, x1 = cutmix_box(rng, images.shape[1], images.shape[2], lam)
-      images = images.copy()
-      images[:, y0:y1, x0:x1] = images[::-1, y0:y1, x0:x1]
-      lam = 1.0 - (y1 - y0) * (x1 - x0) / (images.shape[1] * images.shape[2])
-    else:
-      images = (lam * images + (1.0 - lam) * images[::-1]).astype(images.dtype)
-  smooth = one_hot_targets(labels, num_classes, label_smoothing)
-  return images, (lam * smooth + (1.0 - lam) * smooth[::-1]).astype(np.float32), lam
+  if not use_cutmix or lam == 1.0:
+    return np.full((height, width), lam, np.float32), lam
+  y0, y1, x0, x1 = cutmix_box(rng, height, width, lam)
+  keep = np.ones((height, width), np.float32)
+  keep[y0:y1, x0:x1] = 0.0
+  return keep, 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+
+
+def apply_mix(images, targets, keep, lam):
+  """Mixes each example with its mirror `images[::-1]`; numpy or jax arrays alike, so the
+  arithmetic can run in the worker or inside the jitted step (keep and λ then travel with
+  the batch).
+
+  Args:
+    images: float [B, H, W, C]; targets: float [B, K] (`one_hot_targets`).
+    keep: float [H, W] and lam: scalar, from `draw_mix`.
+  Returns:
+    (images [B, H, W, C], targets [B, K]); a 0/1 `keep` (cutmix, or no mix) copies pixels
+    exactly.
+  """
+  keep = keep[..., None]
+  return (keep * images + (1 - keep) * images[::-1],
+          lam * targets + (1 - lam) * targets[::-1])
+
+
+def mix_batch(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+              augment: ml_collections.ConfigDict, num_classes: int,
+              label_smoothing: float) -> tuple[np.ndarray, np.ndarray, float]:
+  """timm's Mixup/CutMix ('batch' mode) with label smoothing folded into the targets, which
+  are λ·smooth(y) + (1 − λ)·smooth(y[::-1]), smoothed even when the batch is not mixed.
+
+  Args:
+    images: float32 [B, H, W, C] (normalized).
+    labels: int [B].
+  Returns:
+    (images float32 [B, H, W, C], targets float32 [B, K] with rows summing to 1, λ).
+  """
+  targets = one_hot_targets(labels, num_classes, label_smoothing)
+  keep, lam = draw_mix(rng, augment, images.shape[1], images.shape[2])
+  if lam == 1.0:
+    return images, targets, lam
+  images, targets = apply_mix(images, targets, keep, np.float32(lam))
+  return images, targets, lam
 
 
 # --------------------------------------------------- repeated augmentation ---

@@ -187,3 +187,20 @@ def test_increasing_ops_are_identity_at_magnitude_zero():
     if name not in ('AutoContrast', 'Equalize', 'Invert', 'Posterize'):
       zero = augment.apply_op(image, name, augment.op_argument(name, 0, rng, True))
       np.testing.assert_array_equal(zero, image, err_msg=name)
+
+
+@pytest.mark.parametrize('switch_prob', [0.0, 1.0])  # mixup, cutmix
+def test_apply_mix_on_device_matches_the_worker(switch_prob):
+  import jax  # pylint: disable=g-import-not-at-top
+  images, labels = _batch()
+  config = _config(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_switch_prob=switch_prob)
+  mixed, targets, lam = augment.mix_batch(images, labels, np.random.default_rng(2), config, 5,
+                                          0.1)
+  keep, lam_drawn = augment.draw_mix(np.random.default_rng(2), config, 8, 10)
+  assert lam_drawn == lam
+  on_device = jax.jit(augment.apply_mix)(images, augment.one_hot_targets(labels, 5, 0.1),
+                                         keep, np.float32(lam))
+  np.testing.assert_allclose(on_device[0], mixed, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(on_device[1], targets, rtol=1e-6, atol=1e-7)
+  if switch_prob:
+    np.testing.assert_array_equal(on_device[0], mixed)
