@@ -385,8 +385,9 @@ def mix_batch(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 
 
 def repeated_indices(seed: int, epoch: int, num_examples: int, num_repeats: int,
-                     replica: int, num_replicas: int) -> np.ndarray:
-  """Example indices int [num_examples // num_replicas] replica `replica` reads in `epoch`.
+                     num_replicas: int) -> np.ndarray:
+  """Example indices int [num_replicas, num_examples // num_replicas]: row r is what replica r
+  reads in `epoch`.
 
   The epoch's permutation with every index repeated `num_repeats` times in a row, wrapped to
   a multiple of num_replicas and dealt round-robin, so the copies of an example land on
@@ -399,17 +400,17 @@ def repeated_indices(seed: int, epoch: int, num_examples: int, num_repeats: int,
                     num_repeats)
   total = -(-len(order) // num_replicas) * num_replicas
   order = np.concatenate([order, order[:total - len(order)]])
-  return order[replica::num_replicas][:num_examples // num_replicas]
+  return order.reshape(-1, num_replicas).T[:, :num_examples // num_replicas]
 
 
 def repeated_epoch_order(seed: int, epoch: int, num_examples: int, num_repeats: int,
                          num_replicas: int, replica_batch: int) -> np.ndarray:
   """The global epoch order int [steps·num_replicas·replica_batch] whose consecutive global
   batches of num_replicas·replica_batch, split evenly along the batch axis, give replica r
-  its next `replica_batch` of `repeated_indices(..., r, ...)`; a drop-in for the epoch
-  permutation when the batch axis is sharded over num_replicas devices."""
-  streams = np.stack([repeated_indices(seed, epoch, num_examples, num_repeats, r, num_replicas)
-                      for r in range(num_replicas)])
+  its next `replica_batch` of `repeated_indices(...)[r]`; a drop-in for the epoch
+  permutation when the batch axis is sharded over num_replicas devices (cache it per epoch,
+  as data.epoch_permutation is)."""
+  streams = repeated_indices(seed, epoch, num_examples, num_repeats, num_replicas)
   steps = streams.shape[1] // replica_batch
   streams = streams[:, :steps * replica_batch].reshape(num_replicas, steps, replica_batch)
   return streams.transpose(1, 0, 2).reshape(-1)

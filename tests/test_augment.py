@@ -138,11 +138,17 @@ def test_soft_cross_entropy_matches_smoothed_cross_entropy():
 
 
 def test_repeated_indices_put_copies_on_different_replicas():
-  shares = [augment.repeated_indices(7, 2, 12, 3, r, 3) for r in range(3)]
-  assert all(len(share) == 4 and len(set(share)) == 4 for share in shares)
+  shares = augment.repeated_indices(7, 2, 12, 3, 3)
+  assert shares.shape == (3, 4) and all(len(set(share)) == 4 for share in shares)
   assert set(shares[0]) == set(shares[1]) == set(shares[2])  # each example once per replica
-  np.testing.assert_array_equal(shares[0], augment.repeated_indices(7, 2, 12, 3, 0, 3))
-  assert not np.array_equal(shares[0], augment.repeated_indices(7, 3, 12, 3, 0, 3))
+  np.testing.assert_array_equal(shares, augment.repeated_indices(7, 2, 12, 3, 3))
+  assert not np.array_equal(shares, augment.repeated_indices(7, 3, 12, 3, 3))
+  # The official sampler's wrap: 10 examples · 3 = 30 → 32 entries for 4 replicas of 2.
+  wrapped = augment.repeated_indices(0, 0, 10, 3, 4)
+  perm = np.repeat(augment.repeated_indices(0, 0, 10, 1, 1)[0], 3)
+  np.testing.assert_array_equal(wrapped, np.concatenate([perm, perm[:2]]).reshape(8, 4).T[:, :2])
+  np.testing.assert_array_equal(augment.repeated_indices(5, 1, 9, 1, 1)[0],
+                                np.random.default_rng([5, augment.REPEAT_TAG, 1]).permutation(9))
   order = augment.repeated_epoch_order(7, 2, 12, 3, num_replicas=3, replica_batch=2)
   np.testing.assert_array_equal(order[:6], np.concatenate([s[:2] for s in shares]))
   np.testing.assert_array_equal(order[6:], np.concatenate([s[2:] for s in shares]))
