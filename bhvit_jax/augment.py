@@ -26,6 +26,7 @@ output is a pure function of the generator's seed. Callers derive the generators
 so a resumed run (same seed, same step) reproduces every augmentation bitwise.
 """
 import dataclasses
+import functools
 import math
 import re
 
@@ -40,6 +41,7 @@ LEVEL_DENOM = 10.0  # a RandAugment magnitude of 10 is an op's full strength
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 ERASE_MODES = ('const', 'rand', 'pixel')
+RESAMPLE = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST}
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -60,6 +62,25 @@ def defaults() -> ml_collections.ConfigDict:
       repeated_aug=1))  # copies of each example per epoch; 1 = off
 
 
+def validate(augment: ml_collections.ConfigDict):
+  """Raises ConfigError naming the first unusable `config.augment` value."""
+  if augment.rand_augment:
+    parse_rand_augment(augment.rand_augment)
+  checks = [
+      ('interpolation', augment.interpolation in RESAMPLE, f'one of {tuple(RESAMPLE)}'),
+      ('remode', augment.remode in ERASE_MODES, f'one of {ERASE_MODES}'),
+      ('recount', augment.recount >= 1, '>= 1'),
+      ('repeated_aug', augment.repeated_aug >= 1, '>= 1'),
+      ('color_jitter', augment.color_jitter >= 0, '>= 0'),
+      ('mixup_alpha', augment.mixup_alpha >= 0, '>= 0'),
+      ('cutmix_alpha', augment.cutmix_alpha >= 0, '>= 0'),
+  ] + [(name, 0 <= augment[name] <= 1, 'in [0, 1]')
+       for name in ('reprob', 'mixup_prob', 'mixup_switch_prob')]
+  for name, ok, expected in checks:
+    if not ok:
+      raise ConfigError(f'augment.{name} must be {expected}, got {augment[name]!r}')
+
+
 def mixing_active(augment: ml_collections.ConfigDict) -> bool:
   """Whether batches carry soft targets (then the loss must be `soft_cross_entropy`)."""
   return augment.mixup_alpha > 0 or augment.cutmix_alpha > 0
@@ -78,6 +99,7 @@ class RandAugmentSpec:
   increasing: bool = False  # the '…Increasing' op variants: stronger as the magnitude grows
 
 
+@functools.lru_cache(maxsize=8)
 def parse_rand_augment(spec: str) -> RandAugmentSpec:
   """'rand-m9-mstd0.5-inc1' -> RandAugmentSpec(magnitude=9, magnitude_std=0.5, increasing=True)."""
   parts = spec.split('-')
@@ -277,16 +299,13 @@ def augment_image(image: np.ndarray, rng: np.random.Generator,
                   augment: ml_collections.ConfigDict, mean) -> np.ndarray:
   """Stage 1 for one cropped uint8 [S, S, 3] image: RandAugment, else colour jitter.
 
-  `mean` is the data's normalization mean in [0, 1]; RandAugment fills with it.
+  `augment` passed `validate`; `mean` is the data's normalization mean in [0, 1] (RandAugment
+  fills with it).
   """
   if augment.rand_augment:
     fill = tuple(min(255, round(255 * m)) for m in mean)
-    resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR,
-                'nearest': Image.NEAREST}.get(augment.interpolation)
-    if resample is None:
-      raise ConfigError("augment.interpolation must be 'bicubic', 'bilinear' or 'nearest', "
-                        f'got {augment.interpolation!r}')
-    return rand_augment(image, rng, parse_rand_augment(augment.rand_augment), fill, resample)
+    return rand_augment(image, rng, parse_rand_augment(augment.rand_augment), fill,
+                        RESAMPLE[augment.interpolation])
   if augment.color_jitter > 0:
     return color_jitter(image, rng, augment.color_jitter)
   return image

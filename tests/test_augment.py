@@ -27,6 +27,15 @@ def test_defaults_are_off():
   assert rng.random() == np.random.default_rng(0).random()  # nothing was drawn
 
 
+@pytest.mark.parametrize('field,value', [
+    ('rand_augment', 'rand-x1'), ('interpolation', 'lanczos'), ('remode', 'noise'),
+    ('reprob', 1.5), ('mixup_prob', -0.1), ('mixup_alpha', -1.0), ('repeated_aug', 0)])
+def test_validate_names_the_bad_field(field, value):
+  augment.validate(augment.defaults())
+  with pytest.raises(ConfigError, match=f'augment.{field}'):
+    augment.validate(_config(**{field: value}))
+
+
 def test_parse_rand_augment():
   assert augment.parse_rand_augment('rand-m9-mstd0.5-inc1') == augment.RandAugmentSpec(
       magnitude=9, num_ops=2, magnitude_std=0.5, increasing=True)
