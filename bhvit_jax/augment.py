@@ -18,9 +18,9 @@ augmentation (each example `num_repeats` times per epoch, the copies on differen
 
 Determinism: every function draws only from the `np.random.Generator` it is given, so its
 output is a pure function of the generator's seed. Callers derive the generators as
-  per image:  np.random.default_rng([seed, data._AUGMENT_TAG, step, slot]) — the same generator
-              the crop and flip use, continued (stages 1 and 2 draw nothing when off, so
-              turning an option off leaves the other draws unchanged);
+  per image:  the generator data.py seeds with (seed, step, slot) for the crop and flip,
+              continued (stages 1 and 2 draw nothing when off, so an option left off
+              changes no other draw);
   per batch:  `batch_rng(seed, step, process_index)`;
   per epoch:  `repeated_*` take (seed, epoch) and seed their own generator;
 so a resumed run (same seed, same step) reproduces every augmentation bitwise.
@@ -45,9 +45,12 @@ RESAMPLE = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'nearest': Ima
 
 
 def defaults() -> ml_collections.ConfigDict:
-  """The `config.augment` block; every option off. The official ImageNet recipe sets
-  rand_augment='rand-m9-mstd0.5-inc1', color_jitter=0.4 (unused beside RandAugment),
-  reprob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, repeated_aug=3."""
+  """The `config.augment` block; every option off, as in the published training script.
+
+  The official code's own argument defaults would be rand_augment='rand-m9-mstd0.5-inc1',
+  color_jitter=0.4 (unused beside RandAugment), reprob=0.25, mixup_alpha=0.8,
+  cutmix_alpha=1.0, and repeated_aug=3 when its repeated-augmentation flag is given.
+  """
   return ml_collections.ConfigDict(dict(
       rand_augment='',  # timm spec 'rand-m<M>[-n<N>][-mstd<S>][-mmax<X>][-inc<0|1>]'
       interpolation='bicubic',  # of RandAugment's rotate/shear/translate
