@@ -26,6 +26,19 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
   return -jnp.mean(jnp.sum(target * log_probs, axis=-1))
 
 
+def soft_cross_entropy(logits, targets):
+  """Mean cross-entropy against soft targets (mixup/cutmix; smoothing already folded in).
+
+  Args:
+    logits: [B, K] float.
+    targets: [B, K] float, rows summing to 1 (augment.mix_batch).
+  Returns:
+    scalar float32.
+  """
+  log_probs = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
+  return -jnp.mean(jnp.sum(targets.astype(log_probs.dtype) * log_probs, axis=-1))
+
+
 def distillation(student_logits, teacher_logits):
   """Cross-entropy of the student's log-softmax against the teacher's softmax, batch mean.
 
