@@ -131,6 +131,12 @@ def validate(config) -> None:
     data_lib.make_source(config, config.data.train_split)
   except Exception as e:  # pylint: disable=broad-except
     errors.append(f'data: {e}')
+  if config.get('augment') is not None:
+    from bhvit_jax import augment  # pylint: disable=g-import-not-at-top
+    try:
+      augment.validate(config.augment)
+    except ConfigError as e:
+      errors.append(str(e))
   init_from = config.get('init_from')
   if init_from and not os.path.exists(init_from):
     errors.append(f'config.init_from={init_from!r} does not exist')

@@ -34,6 +34,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from bhvit_jax import augment as augment_lib
 from bhvit_jax import config_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -548,6 +549,9 @@ class _Plan:
   train_interpolation: str
   eval_interpolation: str
   eval_resize: int
+  augment: Any = None  # config.augment (bhvit_jax/augment.py), None: off
+  num_classes: int = 0  # for mixup/cutmix's soft targets
+  label_smoothing: float = 0.0
 
 
 def _read(plan: _Plan, index: int) -> tuple[np.ndarray, int]:
@@ -577,15 +581,35 @@ def _train_batch(plan: _Plan, step: int) -> dict[str, np.ndarray]:
                           process_index=plan.process_index,
                           process_count=plan.process_count)
   first_slot = plan.process_index * len(indices)
-  images, labels = [], []
+  images, labels, rngs = [], [], []
   for slot, index in enumerate(indices):
     rng = np.random.default_rng([plan.seed, _AUGMENT_TAG, step, first_slot + slot])
     image, label = _read(plan, int(index))
-    images.append(train_transform(image, rng, plan.image_size, plan.crop_scale, plan.flip,
-                                  plan.train_interpolation))
+    image = train_transform(image, rng, plan.image_size, plan.crop_scale, plan.flip,
+                            plan.train_interpolation)
+    if plan.augment is not None:
+      image = augment_lib.augment_image(image, rng, plan.augment, plan.mean)
+    images.append(image)
     labels.append(label)
-  return {'image': normalize(np.stack(images), plan.mean, plan.std),
-          'label': np.asarray(labels, np.int32)}
+    rngs.append(rng)
+  batch = {'image': normalize(np.stack(images), plan.mean, plan.std),
+           'label': np.asarray(labels, np.int32)}
+  return batch if plan.augment is None else _erase_and_mix(plan, batch, rngs, step)
+
+
+def _erase_and_mix(plan: _Plan, batch, rngs, step: int) -> dict[str, np.ndarray]:
+  """Random erasing per image (continuing each slot's generator), then mixup/cutmix over this
+  process's rows with soft targets, as the official timm options apply them."""
+  aug = plan.augment
+  if aug.reprob > 0:
+    batch['image'] = np.stack([augment_lib.random_erasing(x, rng, aug.reprob, aug.remode,
+                                                          aug.recount)
+                               for x, rng in zip(batch['image'], rngs)])
+  if augment_lib.mixing_active(aug):
+    rng = augment_lib.batch_rng(plan.seed, step, plan.process_index)
+    batch['image'], batch['target'], _ = augment_lib.mix_batch(
+        batch['image'], batch['label'], rng, aug, plan.num_classes, plan.label_smoothing)
+  return batch
 
 
 def _eval_batch(plan: _Plan, batch: int) -> dict[str, np.ndarray]:
@@ -648,7 +672,21 @@ def _make_plan(config, split: str, global_batch: int, process_index, process_cou
       on_corrupt=on_corrupt,
       train_interpolation=train_interpolation,
       eval_interpolation=eval_interpolation,
-      eval_resize=eval_resize)
+      eval_resize=eval_resize,
+      augment=_augment_config(config),
+      num_classes=int(config.model.num_classes),
+      label_smoothing=float(config.get('loss', {}).get('label_smoothing', 0.0)))
+
+
+def _augment_config(config):
+  """config.augment when any option is on (checked), else None (the published run)."""
+  aug = config.get('augment')
+  if aug is None:
+    return None
+  augment_lib.validate(aug)
+  on = (aug.rand_augment or aug.color_jitter > 0 or aug.reprob > 0
+        or augment_lib.mixing_active(aug))
+  return aug if on else None
 
 
 def _stream(batches: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:

@@ -99,12 +99,16 @@ def total_loss(logits, labels, teacher_logits=None, *, label_smoothing=0.0, ce_w
   """Training objective without the regularizer (which the optimizer carries by default).
 
   Without a teacher: label-smoothed CE. With one: ce_weight·CE + distill_weight·KD; the
-  published run is ce_weight=0, distill_weight=1 (KD alone).
+  published run is ce_weight=0, distill_weight=1 (KD alone). `labels` is [B] class ids, or
+  [B, K] soft targets of mixup/cutmix (smoothing already folded in; label_smoothing unused).
 
   Returns:
     (loss, {'ce': ..., 'kd': ...}) scalars; 'kd' is 0 without a teacher.
   """
-  ce = cross_entropy(logits, labels, label_smoothing)
+  if labels.ndim == 2:
+    ce = soft_cross_entropy(logits, labels)
+  else:
+    ce = cross_entropy(logits, labels, label_smoothing)
   if teacher_logits is None:
     return ce, {'ce': ce, 'kd': jnp.zeros((), jnp.float32)}
   kd = distillation(logits, teacher_logits)

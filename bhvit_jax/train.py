@@ -96,6 +96,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
   """
   def train_step(state: TrainState, batch, rng, teacher_variables=None):
     images, labels = batch['image'], batch['label']
+    targets = batch.get('target', labels)  # soft [B, K] when mixup/cutmix are on
     teacher_logits = None
     if teacher_model is not None:
       teacher_logits = jax.lax.stop_gradient(
@@ -109,7 +110,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
       logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
                                     rngs={'dropout': dropout_rng})
       loss, parts = losses.total_loss(
-          logits, labels, teacher_logits, label_smoothing=loss_config.label_smoothing,
+          logits, targets, teacher_logits, label_smoothing=loss_config.label_smoothing,
           ce_weight=loss_config.ce_weight, distill_weight=loss_config.distill_weight)
       if reg_in_loss:
         loss = loss + beta_fn(state.step) * losses.oscillation_regularizer(params)

@@ -6,6 +6,7 @@ exists in every config. Not meant to be trained as is; see configs/bhvit_tiny.py
 """
 import ml_collections
 
+from bhvit_jax import augment
 from bhvit_jax import model as model_lib
 
 
@@ -51,6 +52,10 @@ def get_config(variant: str = 'tiny'):
       teacher=ml_collections.ConfigDict(dict(
           kind='deit', checkpoint='', config='', patch_size=16, embed_dim=384, depth=12,
           num_heads=6, mlp_ratio=4.0))))
+
+  # timm-style augmentation options of the official code, all off as in the published run
+  # (bhvit_jax/augment.py; README "Research recipes").
+  config.augment = augment.defaults()
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   # Multi-process start-up (bhvit_jax.sharding.initialize_distributed); empty/0/-1 = auto.

@@ -1,9 +1,13 @@
 """Augmentation options (timm semantics): op values, erasing, mixup/cutmix, repeats, determinism."""
+import pathlib
+
 import numpy as np
 import pytest
 
 from bhvit_jax import augment
 from bhvit_jax.config_lib import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _image(seed=0, size=(24, 40)):
@@ -219,3 +223,39 @@ def test_apply_mix_on_device_matches_the_worker(switch_prob):
   np.testing.assert_allclose(on_device[1], targets, rtol=1e-6, atol=1e-7)
   if switch_prob:
     np.testing.assert_array_equal(on_device[0], mixed)
+
+
+def test_train_stream_with_every_option_on_is_a_function_of_the_step():
+  """Wired into data.py: erased/mixed batches with soft targets, identical when a resumed
+  iterator starts at the same step (resume stays bitwise)."""
+  from bhvit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import data  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(str(REPO / 'configs' / 'demo.py'))
+  config.batch_size = 8
+  config.augment.update(rand_augment='rand-m9-mstd0.5-inc1', reprob=0.5, mixup_alpha=0.8,
+                        cutmix_alpha=1.0)
+  read = lambda start: data.build_train_iter(config, start_step=start, process_index=0,
+                                             process_count=1)
+  fresh = iter(read(0))
+  batches = [next(fresh) for _ in range(3)]
+  resumed = next(iter(read(2)))
+  for key in ('image', 'label', 'target'):
+    np.testing.assert_array_equal(resumed[key], batches[2][key])
+  targets = batches[0]['target']
+  assert targets.shape == (8, 10)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+  assert not np.array_equal(batches[0]['image'], batches[1]['image'])
+  plain = config.copy_and_resolve_references()
+  plain.augment = augment.defaults()
+  unaugmented = next(iter(data.build_train_iter(plain, process_index=0, process_count=1)))
+  assert 'target' not in unaugmented
+  assert not np.array_equal(unaugmented['image'], batches[0]['image'])
+
+
+def test_total_loss_takes_soft_targets_in_place_of_labels():
+  from bhvit_jax import losses  # pylint: disable=g-import-not-at-top
+  logits = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  labels = np.array([0, 3, 4, 1])
+  soft, _ = losses.total_loss(logits, augment.one_hot_targets(labels, 5, 0.1))
+  hard, _ = losses.total_loss(logits, labels, label_smoothing=0.1)
+  np.testing.assert_allclose(soft, hard, rtol=1e-6)
