@@ -1,0 +1,114 @@
+"""The one `main` wrapper of every program (tools/*.py, `python -m bhvit_jax.*`).
+
+Contract: a user error (`config_lib.UserError`, raised where the input is read) prints exactly
+one line `error: <what> (<value given>)` to stderr, followed only by an indented listing where
+one helps (a checkpoint's mismatched names), and the program exits with status 2. Outputs are
+written to a temporary file in the destination directory and renamed when complete, so a
+failure leaves every existing file as it was. Any other exception is a defect and keeps its
+traceback.
+
+Programs built on absl flags get a fresh `FlagValues` per call, so `main(argv)` can run many
+times in one process (tests do); `--config` is an ml_collections config file whose
+`--config.a.b=...` overrides are checked against the file's keys (with suggestions).
+"""
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+
+from absl import flags
+from ml_collections import config_flags
+
+from bhvit_jax import config_lib
+
+UserError = config_lib.UserError
+_HELP = ('-h', '--help', '--helpshort', '--helpfull')
+
+
+def define_config(flag_values, argv, help_string='ml_collections config file '
+                  '(path.py or path.py:argument); override keys with --config.a.b=value'):
+  """Defines `--config` on `flag_values`, reading its overrides from `argv`."""
+  return config_flags.DEFINE_config_file('config', None, help_string, flag_values=flag_values,
+                                         sys_argv=argv, lock_config=True)
+
+
+def define_variant(flag_values):
+  """`--variant NAME`: a size of `model.VARIANTS` (read when the program runs)."""
+  return flags.DEFINE_string('variant', 'tiny', 'model size from bhvit_jax.model.VARIANTS '
+                             '(used without --config)', flag_values=flag_values)
+
+
+def run(body, define=None, argv=None, positional=False):
+  """Runs a program; returns its exit status (2 on a user error).
+
+  Args:
+    body: `body(argv)` without `define` (the program parses argv itself, e.g. with
+      `ArgumentParser` below), else `body(flag_values, remaining_argv)`.
+    define: `define(flag_values, argv)` declares the program's absl flags.
+    argv: the command line, program name first (default: sys.argv).
+    positional: whether arguments other than flags are allowed.
+  """
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    if define is None:
+      return body(argv) or 0
+    flag_values = flags.FlagValues()
+    define(flag_values, argv)
+    if any(arg in _HELP for arg in argv[1:]):
+      print(flag_values.get_help())
+      return 0
+    rest = config_lib.parse_flags(argv, flag_values)
+    if len(rest) > 1 and not positional:
+      raise UserError(f'unexpected arguments ({" ".join(rest[1:])})')
+    return body(flag_values, rest) or 0
+  except UserError as e:
+    logging.debug('traceback of the error below', exc_info=True)
+    print(f'error: {e}', file=sys.stderr)
+    return config_lib.USAGE_ERROR
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are `UserError`s (one `error:` line through `run`)."""
+
+  def error(self, message):
+    raise UserError(f'{message} (see {self.prog} --help)')
+
+
+def input_path(path: str, what: str, kind: str = 'file') -> str:
+  """`path` if it exists as a `kind` ('file', 'dir' or 'any'), else a UserError."""
+  if not path:
+    raise UserError(f'{what} is required')
+  if not os.path.exists(path):
+    raise UserError(f'{what} does not exist ({path})')
+  if kind == 'file' and os.path.isdir(path):
+    raise UserError(f'{what} is a directory, expected a file ({path})')
+  if kind == 'dir' and not os.path.isdir(path):
+    raise UserError(f'{what} is a file, expected a directory ({path})')
+  return path
+
+
+@contextlib.contextmanager
+def output_file(path: str, what: str = '--out'):
+  """Yields a temporary path beside `path`, renamed to `path` when the block completes.
+
+  The directory must exist (a mistyped path should not create a tree); on any failure the
+  temporary file is removed and an existing `path` is untouched.
+  """
+  if not path:
+    raise UserError(f'{what} is required')
+  if os.path.isdir(path):
+    raise UserError(f'{what} is a directory, expected a file name ({path})')
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise UserError(f'{what}: directory {directory} does not exist (create it first)')
+  base, ext = os.path.splitext(os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{base}.', suffix=f'.partial{ext}')
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
