@@ -157,8 +157,8 @@ def load_variables(directory: str, step: Optional[int] = None) -> dict:
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f'no orbax checkpoint {"" if step is None else step} found in '
-                            f'{directory}')
+    raise config_lib.UserError(f'no orbax checkpoint {"" if step is None else step} found in '
+                               f'{directory}')
   stored = manager.item_metadata(step)['state']
   stored = stored.tree if hasattr(stored, 'tree') else stored
   # Host arrays as the restore target: the devices (or processes) that saved the checkpoint
@@ -196,7 +196,7 @@ def is_packed_file(spec: str) -> bool:
 def _read_variables(path: str, step: Optional[int], model) -> dict:
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint not found: {path}')
+    raise config_lib.UserError(f'checkpoint not found ({path})')
   if os.path.isdir(path):
     return load_variables(path, step)
   if path.endswith('.msgpack'):

@@ -13,6 +13,7 @@ times in one process (tests do); `--config` is an ml_collections config file who
 """
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -34,10 +35,39 @@ def define_config(flag_values, argv, help_string='ml_collections config file '
                                          sys_argv=argv, lock_config=True)
 
 
-def define_variant(flag_values):
-  """`--variant NAME`: a size of `model.VARIANTS` (read when the program runs)."""
-  return flags.DEFINE_string('variant', 'tiny', 'model size from bhvit_jax.model.VARIANTS '
-                             '(used without --config)', flag_values=flag_values)
+def define_model_flags(flag_values, argv):
+  """`--config`, or `--variant NAME` (a size of `model.VARIANTS`, looked up when the program
+  runs) updated by `--model-json`: the model of a tool; see `model_fields`."""
+  define_config(flag_values, argv, 'config file whose `model` sub-config is the model '
+                '(path.py[:argument]; override with --config.model.x=...)')
+  flags.DEFINE_string('variant', 'tiny', 'model size from bhvit_jax.model.VARIANTS, '
+                      'without --config', flag_values=flag_values)
+  flags.DEFINE_string('model-json', '', 'JSON object of BHViT fields updating --variant '
+                      '(without --config)', flag_values=flag_values)
+
+
+def model_fields(f) -> dict:
+  """The BHViT fields chosen by the flags of `define_model_flags`."""
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  if f.config is not None:
+    if f['model-json'].value or f['variant'].present:
+      raise UserError('--variant/--model-json cannot be combined with --config; override '
+                      'with --config.model.<field>=... instead')
+    if 'model' not in f.config:
+      path = config_flags.get_config_filename(f['config'])
+      raise UserError(f'the config file has no `model` sub-config ({path})')
+    return dict(f.config.model)
+  fields = model_lib.variant(f.variant)
+  if f['model-json'].value:
+    try:
+      overrides = json.loads(f['model-json'].value)
+    except json.JSONDecodeError as e:
+      raise UserError(f'--model-json is not valid JSON: {e} ({f["model-json"].value})'
+                      ) from None
+    if not isinstance(overrides, dict):
+      raise UserError(f'--model-json must be a JSON object ({f["model-json"].value})')
+    fields.update(overrides)
+  return fields
 
 
 def run(body, define=None, argv=None, positional=False):
@@ -89,13 +119,8 @@ def input_path(path: str, what: str, kind: str = 'file') -> str:
   return path
 
 
-@contextlib.contextmanager
-def output_file(path: str, what: str = '--out'):
-  """Yields a temporary path beside `path`, renamed to `path` when the block completes.
-
-  The directory must exist (a mistyped path should not create a tree); on any failure the
-  temporary file is removed and an existing `path` is untouched.
-  """
+def check_output(path: str, what: str = '--out') -> str:
+  """The directory of output file `path`; UserError if it does not exist or `path` is one."""
   if not path:
     raise UserError(f'{what} is required')
   if os.path.isdir(path):
@@ -103,6 +128,17 @@ def output_file(path: str, what: str = '--out'):
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise UserError(f'{what}: directory {directory} does not exist (create it first)')
+  return directory
+
+
+@contextlib.contextmanager
+def output_file(path: str, what: str = '--out'):
+  """Yields a temporary path beside `path`, renamed to `path` when the block completes.
+
+  The directory must exist (a mistyped path should not create a tree); on any failure the
+  temporary file is removed and an existing `path` is untouched.
+  """
+  directory = check_output(path, what)
   base, ext = os.path.splitext(os.path.basename(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{base}.', suffix=f'.partial{ext}')
   os.close(fd)

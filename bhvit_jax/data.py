@@ -27,6 +27,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from bhvit_jax import config_lib
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST_MEAN = (0.1307,) * 3
@@ -143,7 +145,7 @@ class MnistSource(_LazySource):
 
   def __post_init__(self):
     if self.split not in ('train', 'test'):
-      raise ValueError(f"mnist has splits 'train' and 'test', not {self.split!r}")
+      raise config_lib.UserError(f"mnist has splits 'train' and 'test', not {self.split!r}")
 
   def _open(self):
     return _mnist_arrays(self.image_size)[self.split]
@@ -165,7 +167,7 @@ class TfdsSource(_LazySource):
 
   def __post_init__(self):
     if self.data_dir and not os.path.isdir(self.data_dir):
-      raise FileNotFoundError(f'TFDS data_dir {self.data_dir!r} does not exist')
+      raise config_lib.UserError(f'TFDS data_dir {self.data_dir!r} does not exist')
     info = self.info()
     self.image_key, self.label_key = info.supervised_keys or ('image', 'label')
 
@@ -195,17 +197,17 @@ class ImageFolderSource(_LazySource):
 
   def __post_init__(self):
     if not os.path.isdir(self.data_dir):
-      raise FileNotFoundError(f'imagefolder data_dir {self.data_dir!r} does not exist')
+      raise config_lib.UserError(f'imagefolder data_dir {self.data_dir!r} does not exist')
     pattern = os.path.join(self.data_dir, f'{self.split}.array_record-*')
     self.paths = sorted(glob.glob(pattern))
     if not self.paths:
-      raise FileNotFoundError(
+      raise config_lib.UserError(
           f'no shards match {pattern!r}; run tools/prepare_imagefolder.py first')
 
   def classes(self) -> list[str]:
     path = os.path.join(self.data_dir, LABELS_FILE)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path!r} is missing; run tools/prepare_imagefolder.py')
+      raise config_lib.UserError(f'{path!r} is missing; run tools/prepare_imagefolder.py')
     with open(path) as f:
       return json.load(f)
 
@@ -232,7 +234,7 @@ def _parse_name(name: str) -> tuple[str, str]:
     return kind, rest
   if kind in ('mnist', 'imagefolder') and not rest:
     return kind, ''
-  raise ValueError(
+  raise config_lib.UserError(
       f"unknown data.name {name!r}; expected 'mnist', 'imagefolder' or 'tfds:<name>'")
 
 
@@ -246,7 +248,8 @@ def make_source(config, split: str):
   if kind == 'tfds':
     return TfdsSource(tfds_name, split, data_dir)
   if not data_dir:
-    raise ValueError("data.name='imagefolder' needs data.data_dir (the prepared shards)")
+    raise config_lib.UserError(
+        "data.name='imagefolder' needs data.data_dir (the prepared shards)")
   return ImageFolderSource(data_dir, split)
 
 

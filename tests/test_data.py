@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from bhvit_jax import config_lib
 from bhvit_jax import data
 
 _TOOL = pathlib.Path(__file__).resolve().parents[1] / 'tools' / 'prepare_imagefolder.py'
@@ -170,7 +171,7 @@ def test_two_processes_load_halves_of_the_same_global_batch():
 def test_bad_configs_are_named():
   with pytest.raises(ValueError, match="'cifar'"):
     data.build_train_iter(make_config(name='cifar'), process_index=0, process_count=1)
-  with pytest.raises(FileNotFoundError, match='/no/such/dir'):
+  with pytest.raises(config_lib.UserError, match='/no/such/dir'):
     data.num_train_examples(make_config(name='imagefolder', data_dir='/no/such/dir'))
   with pytest.raises(ValueError, match='data_dir'):
     data.num_train_examples(make_config(name='imagefolder'))
