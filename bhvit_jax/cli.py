@@ -48,7 +48,6 @@ def define_model_flags(flag_values, argv):
 
 def model_fields(f) -> dict:
   """The BHViT fields chosen by the flags of `define_model_flags`."""
-  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   if f.config is not None:
     if f['model-json'].value or f['variant'].present:
       raise UserError('--variant/--model-json cannot be combined with --config; override '
@@ -57,6 +56,7 @@ def model_fields(f) -> dict:
       path = config_flags.get_config_filename(f['config'])
       raise UserError(f'the config file has no `model` sub-config ({path})')
     return dict(f.config.model)
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top  (jax)
   fields = model_lib.variant(f.variant)
   if f['model-json'].value:
     try:

@@ -199,8 +199,9 @@ def make_tree(root, corrupt=True):
 def test_prepare_imagefolder_skips_corrupt_and_loader_reads_labels(tmp_path, capsys):
   make_tree(tmp_path / 'src')
   out = tmp_path / 'out'
-  prepare_imagefolder.main([str(tmp_path / 'src'), str(out), '--splits', 'train,test',
-                            '--num-shards', '2', '--on-corrupt', 'skip', '--workers', '1'])
+  prepare_imagefolder.main(['prepare_imagefolder', str(tmp_path / 'src'), str(out),
+                            '--splits', 'train,test', '--num-shards', '2', '--on-corrupt',
+                            'skip', '--workers', '1'])
   assert 'bad.JPEG' in capsys.readouterr().err
   assert json.loads((out / 'labels.json').read_text()) == ['ant', 'cat', 'dog']
   assert len(list(out.glob('train.array_record-*-of-00002'))) == 2
@@ -223,7 +224,7 @@ def test_prepare_imagefolder_fails_naming_the_file_or_directory(tmp_path):
     prepare_imagefolder.prepare(str(tmp_path / 'src'), str(tmp_path / 'out'),
                                 splits=('train', 'test'), on_corrupt='fail')
   missing = str(tmp_path / 'src' / 'val')
-  with pytest.raises(FileNotFoundError, match=missing):
+  with pytest.raises(config_lib.UserError, match=missing):
     prepare_imagefolder.prepare(str(tmp_path / 'src'), str(tmp_path / 'out2'),
                                 splits=('val',))
 

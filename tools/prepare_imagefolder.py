@@ -14,23 +14,28 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from array_record.python import array_record_module
 import numpy as np
 from PIL import Image
 
+from bhvit_jax import cli
 from bhvit_jax import data
+
+UserError = cli.UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
 def list_classes(split_dir: str) -> list[str]:
   if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f'source directory {split_dir!r} does not exist')
+    raise UserError(f'source directory does not exist ({split_dir})')
   classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
   if not classes:
-    raise FileNotFoundError(f'{split_dir!r} has no class sub-directories')
+    raise UserError(f'no class sub-directories in {split_dir}')
   return classes
 
 
@@ -39,7 +44,7 @@ def list_images(split_dir: str, classes: list[str]) -> list[tuple[str, int]]:
   known = set(classes)
   extra = sorted(set(list_classes(split_dir)) - known)
   if extra:
-    raise ValueError(f'{split_dir!r} has classes absent from the train split: {extra}')
+    raise UserError(f'{split_dir!r} has classes absent from the train split: {extra}')
   items = []
   for label, name in enumerate(classes):
     class_dir = os.path.join(split_dir, name)
@@ -83,7 +88,7 @@ def write_split(items, out_dir: str, split: str, num_shards: int, on_corrupt: st
         for (image_path, label), (raw, reason) in zip(chunk, checked):
           if raw is None:
             if on_corrupt == 'fail':
-              raise ValueError(f'unreadable image {image_path!r}: {reason}')
+              raise UserError(f'unreadable image {image_path!r}: {reason}')
             print(f'skipping unreadable image {image_path!r}: {reason}', file=sys.stderr)
             skipped += 1
             continue
@@ -96,24 +101,39 @@ def write_split(items, out_dir: str, split: str, num_shards: int, on_corrupt: st
 
 def prepare(src_dir: str, out_dir: str, *, splits=('train', 'val'), num_shards: int = 1,
             on_corrupt: str = 'fail', workers: int = 1) -> dict[str, tuple[int, int]]:
-  """Converts every split; returns {split: (written, skipped)}."""
+  """Converts every split; returns {split: (written, skipped)}.
+
+  The shards are written into a temporary directory inside `out_dir` and moved into place
+  when every split is complete, so a failure leaves `out_dir`'s files as they were.
+  """
   if on_corrupt not in ('skip', 'fail'):
-    raise ValueError(f"on_corrupt must be 'skip' or 'fail', not {on_corrupt!r}")
+    raise UserError(f"on_corrupt must be 'skip' or 'fail', not {on_corrupt!r}")
+  if num_shards < 1 or workers < 1:
+    raise UserError(f'--num-shards and --workers must be >= 1 ({num_shards}, {workers})')
   classes = list_classes(os.path.join(src_dir, splits[0]))
   plans = {s: list_images(os.path.join(src_dir, s), classes) for s in splits}
   for split, items in plans.items():
     if not items:
-      raise FileNotFoundError(f'no images under {os.path.join(src_dir, split)!r}')
+      raise UserError(f'no images under {os.path.join(src_dir, split)!r}')
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f'the output is a file, expected a directory ({out_dir})')
   os.makedirs(out_dir, exist_ok=True)
-  counts = {s: write_split(items, out_dir, s, num_shards, on_corrupt, workers)
-            for s, items in plans.items()}
-  with open(os.path.join(out_dir, data.LABELS_FILE), 'w') as f:
-    json.dump(classes, f, indent=1)
+  staging = tempfile.mkdtemp(dir=out_dir, prefix='.partial-')
+  try:
+    counts = {s: write_split(items, staging, s, num_shards, on_corrupt, workers)
+              for s, items in plans.items()}
+    with open(os.path.join(staging, data.LABELS_FILE), 'w') as f:
+      json.dump(classes, f, indent=1)
+    for name in os.listdir(staging):
+      os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return counts
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _prepare(argv):
+  parser = cli.ArgumentParser(prog=os.path.basename(argv[0]),
+                              description=__doc__.splitlines()[0])
   parser.add_argument('src_dir', help='contains <split>/<class>/<image>')
   parser.add_argument('out_dir')
   parser.add_argument('--num-shards', type=int, default=1)
@@ -122,7 +142,7 @@ def main(argv=None):
                       help='comma-separated; the first one defines the classes')
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
                       help='processes decoding images to check them')
-  args = parser.parse_args(argv)
+  args = parser.parse_args(argv[1:])
   counts = prepare(args.src_dir, args.out_dir, splits=tuple(args.splits.split(',')),
                    num_shards=args.num_shards, on_corrupt=args.on_corrupt,
                    workers=args.workers)
@@ -130,5 +150,9 @@ def main(argv=None):
     print(f'{split}: {written} images written, {skipped} unreadable skipped')
 
 
+def main(argv=None):
+  return cli.run(_prepare, argv=argv)
+
+
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
