@@ -6,6 +6,7 @@ anything else the loop needs). Orbax writes into a temporary directory and renam
 complete, and deletes checkpoints beyond `keep` only after the new one is committed.
 """
 import base64
+import contextlib
 import logging
 import os
 from typing import Any, Optional, Tuple
@@ -146,6 +147,18 @@ class Checkpointer:
     self._manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Hides orbax's warnings that a read-only manager is read-only (it is asked to be)."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def load_variables(directory: str, step: Optional[int] = None) -> dict:
   """{'params', 'batch_stats', 'quant_state'} of checkpoint `step` (default: the newest).
 
@@ -153,8 +166,9 @@ def load_variables(directory: str, step: Optional[int] = None) -> dict:
   """
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_item_handlers(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  with _quiet_absl():
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_item_handlers(),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise config_lib.UserError(f'no orbax checkpoint {"" if step is None else step} found in '

@@ -70,6 +70,13 @@ def model_fields(f) -> dict:
   return fields
 
 
+def parse(define, argv):
+  """(flag values, remaining arguments) of `argv` for the flags declared by `define`."""
+  flag_values = flags.FlagValues()
+  define(flag_values, argv)
+  return flag_values, config_lib.parse_flags(argv, flag_values)
+
+
 def run(body, define=None, argv=None, positional=False):
   """Runs a program; returns its exit status (2 on a user error).
 
@@ -84,12 +91,12 @@ def run(body, define=None, argv=None, positional=False):
   try:
     if define is None:
       return body(argv) or 0
-    flag_values = flags.FlagValues()
-    define(flag_values, argv)
     if any(arg in _HELP for arg in argv[1:]):
+      flag_values = flags.FlagValues()
+      define(flag_values, argv)
       print(flag_values.get_help())
       return 0
-    rest = config_lib.parse_flags(argv, flag_values)
+    flag_values, rest = parse(define, argv)
     if len(rest) > 1 and not positional:
       raise UserError(f'unexpected arguments ({" ".join(rest[1:])})')
     return body(flag_values, rest) or 0

@@ -209,6 +209,11 @@ def validate(config) -> None:
     errors.append(str(e))
   if not (config.get('total_steps') or config.get('num_epochs')):
     errors.append('set config.total_steps or config.num_epochs (both are 0)')
+  warmup, total = _lookup(config, 'optim.warmup_steps'), config.get('total_steps')
+  if (_lookup(config, 'optim.schedule') == 'cosine' and total and warmup is not None
+      and total <= warmup):
+    errors.append(f'config.optim.warmup_steps={warmup} must be below '
+                  f'config.total_steps={total} (cosine schedule)')
   on_corrupt = config.data.get('on_corrupt', 'fail')
   if on_corrupt not in ('skip', 'fail'):
     errors.append(f"config.data.on_corrupt={on_corrupt!r} must be 'skip' or 'fail'")

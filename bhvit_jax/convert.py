@@ -148,8 +148,8 @@ def load_torch_file(path):
   try:
     import torch
   except ImportError as e:
-    raise ImportError('reading PyTorch checkpoints needs the torch extra: '
-                      'pip install -e ".[torch]"') from e
+    raise config_lib.UserError('reading PyTorch checkpoints needs the torch extra: '
+                               'pip install -e ".[torch]"') from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except FileNotFoundError:

@@ -410,7 +410,7 @@ def resolve_split_groups(value) -> bool:
       return jax.default_backend() == 'cpu'
     if value.lower() in ('true', 'false'):
       return value.lower() == 'true'
-    raise ValueError(f"split_groups={value!r} must be True, False or 'auto'")
+    raise config_lib.UserError(f"split_groups={value!r} must be True, False or 'auto'")
   return bool(value)
 
 

@@ -418,7 +418,10 @@ def check_flags(f):
                         f'({",".join(f.mode)})')
   if f['torch-repo'].value:
     cli.input_path(f['torch-repo'].value, '--torch-repo', 'dir')
-  resolve_config(f)  # a bad model is reported before any case starts
+  config = resolve_config(f)
+  if not f.impl:  # the driver reports a bad model before any case starts
+    from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    model_lib.from_config(config.model)
 
 
 def _run_subprocess(argv, tunables: bool) -> dict:
