@@ -173,14 +173,20 @@ def load_variables(directory: str, step: Optional[int] = None) -> dict:
   if step is None or step not in manager.all_steps():
     raise config_lib.UserError(f'no orbax checkpoint {"" if step is None else step} found in '
                                f'{directory}')
-  stored = manager.item_metadata(step)['state']
-  stored = stored.tree if hasattr(stored, 'tree') else stored
-  # Host arrays as the restore target: the devices (or processes) that saved the checkpoint
-  # need not exist here.
-  target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), stored)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))['state']
-  manager.close()
+  try:
+    stored = manager.item_metadata(step)['state']
+    stored = stored.tree if hasattr(stored, 'tree') else stored
+    # Host arrays as the restore target: the devices (or processes) that saved the checkpoint
+    # need not exist here.
+    target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), stored)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
+    message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise config_lib.UserError(f'unreadable orbax checkpoint {step} in {directory}: '
+                               f'{message}') from e
+  finally:
+    manager.close()
   variables = restored.get('train', restored)  # train.py saves {'train': TrainState, 'rng': key}
   return {k: jax.tree_util.tree_map(np.asarray, variables.get(k) or {})
           for k in ('params', 'batch_stats', 'quant_state')}
@@ -230,12 +236,13 @@ def load_any(spec: str, model, reference: Optional[dict] = None) -> dict:
   shapes; collections the checkpoint lacks keep the reference's. Raises ShapeMismatchError with
   the one mismatch listing.
   """
+  path, step = split_spec(spec)
+  read = _read_variables(path, step, model)  # before tracing the model: bad files fail fast
   if reference is None:
     from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
     reference = jax.eval_shape(lambda rng: model_lib.init_variables(model, rng),
                                jax.random.PRNGKey(0))
-  path, step = split_spec(spec)
-  loaded = {k: v for k, v in _read_variables(path, step, model).items() if k in reference and v}
+  loaded = {k: v for k, v in read.items() if k in reference and v}
   if 'params' not in loaded:
     raise config_lib.UserError(f'checkpoint {spec} contains no params')
   check_shapes(loaded, {k: reference[k] for k in loaded}, f'checkpoint {spec}')
