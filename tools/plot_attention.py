@@ -1,6 +1,6 @@
 r"""PNG of BHViT's binarized attention for chosen blocks, heads, window and query.
 
-  python tools/plot_attention.py --fixture /work/shared/fixtures/case_public.npz \
+  python tools/plot_attention.py --fixture ../shared/fixtures/case_public.npz \
       --image fixture:0 --blocks layerB_0,layerB_1 --heads 0,1 --query 24 --out attn.png
   python tools/plot_attention.py --config configs/demo.py --checkpoint runs/demo \
       --image mnist:3 --out attn.png
