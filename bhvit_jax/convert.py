@@ -87,8 +87,8 @@ def unwrap_checkpoint(obj):
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
       obj = obj[key]
   if not isinstance(obj, dict) or not obj:
-    raise config_lib.UserError('not a PyTorch state dict: expected a mapping of tensor names to tensors, '
-                     f'got {type(obj).__name__}')
+    raise config_lib.UserError('not a PyTorch state dict: expected a mapping of tensor names '
+                               f'to tensors, got {type(obj).__name__}')
   return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
 
 

@@ -77,8 +77,9 @@ def _float_model_state(config, checkpoint: str):
 def _check_data(config, model):
   train.check_num_classes(config, model)
   if model.image_size != config.data.image_size:
-    raise config_lib.UserError(f'the model takes {model.image_size}² images but the config prepares '
-                     f'{config.data.image_size}² (set --config.data.image_size)')
+    raise config_lib.UserError(f'the model takes {model.image_size}² images but the config '
+                               f'prepares {config.data.image_size}² (set '
+                               '--config.data.image_size)')
 
 
 def format_table(result: dict) -> str:

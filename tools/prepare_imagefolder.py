@@ -8,7 +8,6 @@ OUT_DIR/labels.json, the class names sorted by folder name (label = position),
 as torchvision's ImageFolder assigns them.
 """
 
-import argparse
 import concurrent.futures
 import contextlib
 import io
