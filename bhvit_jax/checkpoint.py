@@ -6,6 +6,7 @@ anything else the loop needs). Orbax writes into a temporary directory and renam
 complete, and deletes checkpoints beyond `keep` only after the new one is committed.
 """
 import base64
+import contextlib
 import logging
 import os
 from typing import Any, Optional, Tuple
@@ -64,8 +65,8 @@ def mismatch_lines(stored: dict, target: dict) -> list:
   """Listing lines for flat {name: shape} dicts of a checkpoint and of the model."""
   lines = [f'  {k}: checkpoint {stored[k]} vs model {target[k]}'
            for k in sorted(stored.keys() & target.keys()) if stored[k] != target[k]]
-  lines += [f'  {k}: missing in checkpoint' for k in sorted(target.keys() - stored.keys())]
-  return lines + [f'  {k}: not in the model' for k in sorted(stored.keys() - target.keys())]
+  lines += [f'  {k}: not in the model' for k in sorted(stored.keys() - target.keys())]
+  return lines + [f'  {k}: missing in checkpoint' for k in sorted(target.keys() - stored.keys())]
 
 
 def _flat_shapes(tree) -> dict:
@@ -146,6 +147,18 @@ class Checkpointer:
     self._manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Hides orbax's warnings that a read-only manager is read-only (it is asked to be)."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def load_variables(directory: str, step: Optional[int] = None) -> dict:
   """{'params', 'batch_stats', 'quant_state'} of checkpoint `step` (default: the newest).
 
@@ -153,20 +166,27 @@ def load_variables(directory: str, step: Optional[int] = None) -> dict:
   """
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_item_handlers(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  with _quiet_absl():
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_item_handlers(),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f'no orbax checkpoint {"" if step is None else step} found in '
-                            f'{directory}')
-  stored = manager.item_metadata(step)['state']
-  stored = stored.tree if hasattr(stored, 'tree') else stored
-  # Host arrays as the restore target: the devices (or processes) that saved the checkpoint
-  # need not exist here.
-  target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), stored)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))['state']
-  manager.close()
+    raise config_lib.UserError(f'no orbax checkpoint {"" if step is None else step} found in '
+                               f'{directory}')
+  try:
+    stored = manager.item_metadata(step)['state']
+    stored = stored.tree if hasattr(stored, 'tree') else stored
+    # Host arrays as the restore target: the devices (or processes) that saved the checkpoint
+    # need not exist here.
+    target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), stored)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
+    message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise config_lib.UserError(f'unreadable orbax checkpoint {step} in {directory}: '
+                               f'{message}') from e
+  finally:
+    manager.close()
   variables = restored.get('train', restored)  # train.py saves {'train': TrainState, 'rng': key}
   return {k: jax.tree_util.tree_map(np.asarray, variables.get(k) or {})
           for k in ('params', 'batch_stats', 'quant_state')}
@@ -196,7 +216,7 @@ def is_packed_file(spec: str) -> bool:
 def _read_variables(path: str, step: Optional[int], model) -> dict:
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint not found: {path}')
+    raise config_lib.UserError(f'checkpoint not found ({path})')
   if os.path.isdir(path):
     return load_variables(path, step)
   if path.endswith('.msgpack'):
@@ -216,12 +236,13 @@ def load_any(spec: str, model, reference: Optional[dict] = None) -> dict:
   shapes; collections the checkpoint lacks keep the reference's. Raises ShapeMismatchError with
   the one mismatch listing.
   """
+  path, step = split_spec(spec)
+  read = _read_variables(path, step, model)  # before tracing the model: bad files fail fast
   if reference is None:
     from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
     reference = jax.eval_shape(lambda rng: model_lib.init_variables(model, rng),
                                jax.random.PRNGKey(0))
-  path, step = split_spec(spec)
-  loaded = {k: v for k, v in _read_variables(path, step, model).items() if k in reference and v}
+  loaded = {k: v for k, v in read.items() if k in reference and v}
   if 'params' not in loaded:
     raise config_lib.UserError(f'checkpoint {spec} contains no params')
   check_shapes(loaded, {k: reference[k] for k in loaded}, f'checkpoint {spec}')

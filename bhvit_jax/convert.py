@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bhvit_jax import checkpoint
+from bhvit_jax import config_lib
 from bhvit_jax import model as model_lib
 
 # Flax collection of every PyTorch buffer name.
@@ -86,8 +87,8 @@ def unwrap_checkpoint(obj):
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
       obj = obj[key]
   if not isinstance(obj, dict) or not obj:
-    raise ValueError('not a PyTorch state dict: expected a mapping of tensor names to tensors, '
-                     f'got {type(obj).__name__}')
+    raise config_lib.UserError('not a PyTorch state dict: expected a mapping of tensor names '
+                               f'to tensors, got {type(obj).__name__}')
   return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
 
 
@@ -114,8 +115,9 @@ def torch_to_flax(state_dict, model: model_lib.BHViT, dtype=None):
       value = _from_torch_layout(path, value, spec.shape)
       cast = spec.dtype if dtype is None or not jnp.issubdtype(spec.dtype, jnp.floating) else dtype
       out.setdefault(col, {})[path] = np.asarray(value, dtype=cast)
-  checkpoint.raise_mismatch('the PyTorch state dict', wrong + missing + [
-      f'  {name}: not in the model' for name in sorted(state)])
+  # Names the model lacks first: they tell a foreign state dict apart at a glance.
+  checkpoint.raise_mismatch('the PyTorch state dict', wrong + [
+      f'  {name}: not in the model' for name in sorted(state)] + missing)
   return {col: flax.traverse_util.unflatten_dict(flat) for col, flat in out.items()}
 
 
@@ -147,15 +149,20 @@ def load_torch_file(path):
   try:
     import torch
   except ImportError as e:
-    raise ImportError('reading PyTorch checkpoints needs the torch extra: '
-                      'pip install -e ".[torch]"') from e
+    raise config_lib.UserError('reading PyTorch checkpoints needs the torch extra: '
+                               'pip install -e ".[torch]"') from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except FileNotFoundError:
     raise FileNotFoundError(f'PyTorch checkpoint not found: {path}') from None
   except Exception as e:
-    raise ValueError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
+    raise config_lib.UserError(f'not a readable PyTorch checkpoint: {_first_line(e)} ({path})'
+                               ) from e
   return {k: _numpy(v) for k, v in unwrap_checkpoint(obj).items()}
+
+
+def _first_line(error) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _load_npz(path):
@@ -165,7 +172,8 @@ def _load_npz(path):
   except FileNotFoundError:
     raise FileNotFoundError(f'state dict not found: {path}') from None
   except Exception as e:
-    raise ValueError(f'{path} is not a readable .npz state dict: {e}') from e
+    raise config_lib.UserError(f'{path} is not a readable .npz state dict: {_first_line(e)}'
+                               ) from e
 
 
 def save_torch_file(state, path):
@@ -190,4 +198,5 @@ def load_flax_variables(path):
     try:
       return flax.serialization.msgpack_restore(f.read())
     except Exception as e:
-      raise ValueError(f'{path} is not a msgpack file of Flax variables: {e}') from e
+      raise config_lib.UserError(f'not a msgpack file of Flax variables: {_first_line(e)} '
+                                 f'({path})') from e

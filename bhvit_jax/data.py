@@ -167,7 +167,7 @@ class MnistSource(_LazySource):
 
   def __post_init__(self):
     if self.split not in ('train', 'test'):
-      raise ValueError(f"mnist has splits 'train' and 'test', not {self.split!r}")
+      raise config_lib.UserError(f"mnist has splits 'train' and 'test', not {self.split!r}")
 
   def _open(self):
     return _mnist_arrays(self.image_size)[self.split]
@@ -189,7 +189,7 @@ class TfdsSource(_LazySource):
 
   def __post_init__(self):
     if self.data_dir and not os.path.isdir(self.data_dir):
-      raise FileNotFoundError(f'TFDS data_dir {self.data_dir!r} does not exist')
+      raise config_lib.UserError(f'TFDS data_dir {self.data_dir!r} does not exist')
     info = self.info()
     self.image_key, self.label_key = info.supervised_keys or ('image', 'label')
 
@@ -216,7 +216,7 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
   prefix = f'{split}.array_record-'
   names = sorted(n for n in os.listdir(data_dir) if n.startswith(prefix))
   if not names:
-    raise FileNotFoundError(f'no shards {prefix}* in {data_dir!r}; run '
+    raise config_lib.UserError(f'no shards {prefix}* in {data_dir!r}; run '
                             'tools/prepare_imagefolder.py first')
   parsed = [_SHARD_NAME.search(n) for n in names]
   counts = {int(m.group(2)) for m in parsed if m}
@@ -238,13 +238,13 @@ class ImageFolderSource(_LazySource):
 
   def __post_init__(self):
     if not os.path.isdir(self.data_dir):
-      raise FileNotFoundError(f'imagefolder data_dir {self.data_dir!r} does not exist')
+      raise config_lib.UserError(f'imagefolder data_dir {self.data_dir!r} does not exist')
     self.paths = shard_paths(self.data_dir, self.split)
 
   def classes(self) -> list[str]:
     path = os.path.join(self.data_dir, LABELS_FILE)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f'{path!r} is missing; run tools/prepare_imagefolder.py')
+      raise config_lib.UserError(f'{path!r} is missing; run tools/prepare_imagefolder.py')
     with open(path) as f:
       return json.load(f)
 
@@ -260,10 +260,10 @@ class ImageFolderSource(_LazySource):
 def list_classes(split_dir: str) -> list[str]:
   """Sub-directory names of `split_dir`, sorted: label = position (torchvision's order)."""
   if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f'image folder {split_dir!r} does not exist')
+    raise config_lib.UserError(f'image folder {split_dir!r} does not exist')
   classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
   if not classes:
-    raise FileNotFoundError(f'{split_dir!r} has no class sub-directories')
+    raise config_lib.UserError(f'{split_dir!r} has no class sub-directories')
   return classes
 
 
@@ -326,7 +326,7 @@ def _decode_or_raise(data: bytes, draft_size: int, what: str) -> Image.Image:
     raise CorruptRecordError(f'{what} is not a readable image: {e}') from e
 
 
-class CorruptRecordError(ValueError):
+class CorruptRecordError(config_lib.UserError):
   """An ImageFolder record whose image bytes cannot be decoded."""
 
 
@@ -336,8 +336,8 @@ def _parse_name(name: str) -> tuple[str, str]:
     return kind, rest
   if kind in ('mnist', 'imagefolder', 'folder') and not rest:
     return kind, ''
-  raise ValueError(f"unknown data.name {name!r}; expected 'mnist', 'imagefolder', 'folder' "
-                   "or 'tfds:<name>'")
+  raise config_lib.UserError(f"unknown data.name {name!r}; expected 'mnist', 'imagefolder', "
+                             "'folder' or 'tfds:<name>'")
 
 
 NO_RESIZE_MAX = 32
@@ -371,7 +371,7 @@ def make_source(config, split: str):
   if kind == 'tfds':
     return TfdsSource(tfds_name, split, data_dir)
   if not data_dir:
-    raise ValueError(f"data.name={data.name!r} needs data.data_dir")
+    raise config_lib.UserError(f'data.name={data.name!r} needs data.data_dir')
   draft_size = eval_resize_size(config) if data.get('fast_decode') else 0
   if kind == 'imagefolder':
     return ImageFolderSource(data_dir, split, draft_size)
@@ -490,7 +490,7 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
-    raise ValueError(f'batch_size {global_batch} is not divisible by the '
+    raise config_lib.UserError(f'batch_size {global_batch} is not divisible by the '
                      f'{process_count} processes')
   return global_batch // process_count
 
@@ -510,7 +510,7 @@ def train_indices(step: int, *, seed: int, num_examples: int, global_batch: int,
   local = local_batch_size(global_batch, process_count)
   steps_per_epoch = num_examples // global_batch
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size {global_batch} exceeds the {num_examples} '
+    raise config_lib.UserError(f'batch_size {global_batch} exceeds the {num_examples} '
                      'training examples')
   epoch, in_epoch = divmod(step, steps_per_epoch)
   start = in_epoch * global_batch + process_index * local
@@ -646,7 +646,7 @@ def _make_plan(config, split: str, global_batch: int, process_index, process_cou
     process_index, process_count = jax.process_index(), jax.process_count()
   on_corrupt = config.data.get('on_corrupt', 'fail')
   if on_corrupt not in ('skip', 'fail'):
-    raise ValueError(f"data.on_corrupt must be 'skip' or 'fail', not {on_corrupt!r}")
+    raise config_lib.UserError(f"data.on_corrupt must be 'skip' or 'fail', not {on_corrupt!r}")
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   mean, std = normalization(config)
@@ -654,7 +654,7 @@ def _make_plan(config, split: str, global_batch: int, process_index, process_cou
   source = make_source(config, split)
   # Opens the reader here, so loader threads share it instead of racing to load.
   if not len(source):
-    raise ValueError(f'split {split!r} of data set {config.data.name!r} is empty')
+    raise config_lib.UserError(f'split {split!r} of data set {config.data.name!r} is empty')
   is_mnist = _parse_name(config.data.name)[0] == 'mnist'
   seed = config.data.get('shuffle_seed')
   return _Plan(
@@ -673,20 +673,21 @@ def _make_plan(config, split: str, global_batch: int, process_index, process_cou
       train_interpolation=train_interpolation,
       eval_interpolation=eval_interpolation,
       eval_resize=eval_resize,
-      augment=_augment_config(config),
-      num_classes=int(config.model.num_classes),
-      label_smoothing=float(config.get('loss', {}).get('label_smoothing', 0.0)))
+      **_augment_fields(config))
 
 
-def _augment_config(config):
-  """config.augment when any option is on (checked), else None (the published run)."""
+def _augment_fields(config) -> dict:
+  """_Plan's augmentation fields: config.augment when any option is on (checked), else none
+  (the published run)."""
   aug = config.get('augment')
   if aug is None:
-    return None
+    return {}
   augment_lib.validate(aug)
-  on = (aug.rand_augment or aug.color_jitter > 0 or aug.reprob > 0
-        or augment_lib.mixing_active(aug))
-  return aug if on else None
+  if not (aug.rand_augment or aug.color_jitter > 0 or aug.reprob > 0
+          or augment_lib.mixing_active(aug)):
+    return {}
+  return dict(augment=aug, num_classes=int(config.model.num_classes),
+              label_smoothing=float(config.loss.label_smoothing))
 
 
 def _stream(batches: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:

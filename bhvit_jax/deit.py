@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bhvit_jax import config_lib
 # timm's LayerNorm epsilon for ViT/DeiT (PyTorch's default is 1e-5).
 LN_EPS = 1e-6
 # DeiT-small, the teacher of the BHViT paper; a teacher config overrides any of these.
@@ -147,7 +148,7 @@ def from_timm_state_dict(state_dict, model: DeiT) -> dict:
   problems = ([f'  missing: {n}' for n in missing] + [f'  unexpected: {n}' for n in sorted(state)]
               + [f'  shape: {w}' for w in wrong])
   if problems:
-    raise ValueError(
+    raise config_lib.UserError(
         f'timm checkpoint does not match DeiT(image_size={model.image_size}, '
         f'patch_size={model.patch_size}, embed_dim={model.embed_dim}, depth={model.depth}, '
         f'num_heads={model.num_heads}, num_classes={model.num_classes}, '
@@ -161,11 +162,11 @@ def build_teacher(teacher_config, config):
   and number of classes are the student's; `distilled` follows the checkpoint (dist_token)."""
   path = teacher_config.get('checkpoint', '')
   if not path:
-    raise ValueError("loss.teacher.kind='deit' needs loss.teacher.checkpoint (a timm-format "
-                     'DeiT .pth file)')
+    raise config_lib.UserError("loss.teacher.kind='deit' needs loss.teacher.checkpoint (a "
+                               'timm-format DeiT .pth file)')
   if not path.endswith(('.pth', '.pt')):
-    raise ValueError(f'loss.teacher.checkpoint={path!r}: the DeiT teacher loads a timm-format '
-                     'PyTorch .pth/.pt file')
+    raise config_lib.UserError(f'loss.teacher.checkpoint={path!r}: the DeiT teacher loads a '
+                               'timm-format PyTorch .pth/.pt file')
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
   state = convert.load_torch_file(path)
   fields = {k: teacher_config.get(k, default) for k, default in DEIT_SMALL.items()}

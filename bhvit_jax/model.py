@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bhvit_jax import config_lib
 from bhvit_jax import layers
 from bhvit_jax import quantizers
 from bhvit_jax import remat as remat_lib
@@ -468,7 +469,8 @@ def binary_kernel_mask(params, model=None):
 def variant(name: str) -> dict:
   """The size fields of a named variant (a copy; see VARIANTS)."""
   if name not in VARIANTS:
-    raise ValueError(f'unknown model variant {name!r}; known: {", ".join(sorted(VARIANTS))}')
+    raise config_lib.UserError(f'unknown model variant ({name}); known: '
+                               f'{", ".join(sorted(VARIANTS))}')
   return dict(VARIANTS[name])
 
 
@@ -480,7 +482,7 @@ def resolve_split_groups(value) -> bool:
       return jax.default_backend() == 'cpu'
     if value.lower() in ('true', 'false'):
       return value.lower() == 'true'
-    raise ValueError(f"split_groups={value!r} must be True, False or 'auto'")
+    raise config_lib.UserError(f"split_groups={value!r} must be True, False or 'auto'")
   return bool(value)
 
 
@@ -590,8 +592,7 @@ def validate(m: BHViT):
                                ('norm', m.norm, ('batch', 'layer'))):
     if value not in allowed:
       errors.append(f'{name}={value!r} must be one of {allowed}')
-  if errors:
-    raise ValueError('invalid BHViT configuration:\n  ' + '\n  '.join(errors))
+  config_lib.raise_problems('invalid BHViT configuration', errors)
 
 
 def from_config(cfg) -> BHViT:
@@ -602,7 +603,7 @@ def from_config(cfg) -> BHViT:
     import difflib
     hints = [f'{k} (did you mean {difflib.get_close_matches(k, MODEL_FIELDS, 1)[0]}?)'
              if difflib.get_close_matches(k, MODEL_FIELDS, 1) else k for k in unknown]
-    raise ValueError(f'unknown model config keys: {", ".join(hints)}')
+    raise config_lib.ConfigError(f'unknown model config keys ({", ".join(hints)})')
   for key in ('hidden_sizes', 'depths', 'num_heads', 'mlp_sizes', 'remat_stages'):
     if key in cfg:
       cfg[key] = tuple(cfg[key])

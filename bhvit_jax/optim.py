@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bhvit_jax import config_lib
 from bhvit_jax import losses
 from bhvit_jax import model as model_lib
 
@@ -66,8 +67,8 @@ def cosine_epoch_schedule(base_lr: float, min_lr: float, num_epochs: int,
                           steps_per_epoch: int) -> Schedule:
   """The reference's per-epoch cosine: epochs 0 and 1 use base_lr, epoch e ≥ 1 cosine(e − 1)."""
   if num_epochs <= 0 or steps_per_epoch <= 0:
-    raise ValueError(f'cosine_epoch needs num_epochs > 0 and steps_per_epoch > 0, got '
-                     f'{num_epochs} and {steps_per_epoch}.')
+    raise config_lib.UserError(f'cosine_epoch needs num_epochs > 0 and steps_per_epoch > 0, '
+                               f'got {num_epochs} and {steps_per_epoch}.')
 
   def schedule(step):
     epoch = jnp.maximum(step // steps_per_epoch - 1, 0)
@@ -86,16 +87,16 @@ def learning_rate_schedule(optim_config, *, global_batch_size: int, total_steps:
   if kind == 'cosine':
     warmup = optim_config.warmup_steps
     if total_steps <= warmup:
-      raise ValueError(f'cosine schedule: total_steps={total_steps} must exceed '
-                       f'warmup_steps={warmup}.')
+      raise config_lib.UserError(f'cosine schedule: total_steps={total_steps} must exceed '
+                                 f'warmup_steps={warmup}.')
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else base_lr, peak_value=base_lr, warmup_steps=warmup,
         decay_steps=total_steps, end_value=optim_config.min_lr)
   if kind == 'cosine_epoch':
     num_epochs = -(-total_steps // steps_per_epoch) if steps_per_epoch else 0
     return cosine_epoch_schedule(base_lr, optim_config.min_lr, num_epochs, steps_per_epoch)
-  raise ValueError(f"Unknown optim.schedule {kind!r}; expected 'constant', 'cosine' or "
-                   "'cosine_epoch'.")
+  raise config_lib.UserError(f"Unknown optim.schedule {kind!r}; expected 'constant', "
+                             "'cosine' or 'cosine_epoch'.")
 
 
 def beta_schedule(optim_config, total_steps: int) -> Schedule:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bhvit_jax import config_lib
 from bhvit_jax import layers
 from bhvit_jax import model as model_lib
 from bhvit_jax import ops_count
@@ -274,7 +275,8 @@ def load(path):
   except Exception:  # pylint: disable=broad-except  (msgpack has several error types)
     tree = None
   if not isinstance(tree, dict) or tree.get('format') != FORMAT:
-    raise ValueError(f'{path} is not a packed BHViT file (expected format {FORMAT!r})')
+    raise config_lib.UserError(f'{path} is not a packed BHViT file (expected format '
+                               f'{FORMAT!r})')
   model = model_lib.from_config(json.loads(tree['model']))
   return model, {k: tree[k] for k in ('binary', 'norms', 'variables')}
 

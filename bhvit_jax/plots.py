@@ -2,16 +2,23 @@
 import json
 import os
 
+from bhvit_jax import config_lib
+
 
 def read_history(workdir: str) -> list:
   """The records of WORKDIR/metrics.jsonl (dicts with kind 'train'/'eval', step, ...)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'no metrics.jsonl in {workdir} (is it a training workdir?)')
+    raise config_lib.UserError(f'no metrics.jsonl in {workdir} (is it a training workdir?)')
   with open(path) as f:
-    history = [json.loads(line) for line in f if line.strip()]
+    try:
+      history = [json.loads(line) for line in f if line.strip()]
+    except ValueError as e:
+      raise config_lib.UserError(f'{path} is not JSON lines: {e}') from None
+  if not all(isinstance(r, dict) for r in history):
+    raise config_lib.UserError(f'{path} holds lines that are not JSON objects')
   if not any(r.get('kind') == 'train' for r in history):
-    raise ValueError(f'{path} has no training records yet')
+    raise config_lib.UserError(f'{path} has no training records yet')
   return history
 
 

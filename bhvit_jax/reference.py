@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bhvit_jax import config_lib
 from bhvit_jax import convert
 from bhvit_jax import losses
 from bhvit_jax import model as model_lib
@@ -53,6 +54,25 @@ def compare(mine, ref):
           'rel': rel_error(mine, ref)}
 
 
+def open_fixture(path, required=('config_json', 'input', 'labels')):
+  """The arrays of a fixture `.npz`; UserError if unreadable or lacking `required` keys."""
+  try:
+    data = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise config_lib.UserError(f'fixture not found ({path})') from None
+  except Exception as e:  # pylint: disable=broad-except  (zip, pickle and OS errors)
+    raise config_lib.UserError(f'not a readable .npz fixture: {type(e).__name__}: {e} ({path})'
+                               ) from None
+  files = getattr(data, 'files', None)
+  if files is None:
+    raise config_lib.UserError(f'not an .npz fixture: a single array ({path})')
+  missing = [k for k in required if k not in files]
+  if missing:
+    raise config_lib.UserError(f'not a reference fixture of this project: no '
+                               f'{", ".join(missing)} ({path})')
+  return data
+
+
 def prefixed(fixture, prefix):
   return {k[len(prefix):]: fixture[k] for k in fixture.files if k.startswith(prefix)}
 
@@ -61,7 +81,7 @@ class Fixture:
   """A loaded case fixture: model, Flax variables and NHWC inputs, in float32 or float64."""
 
   def __init__(self, path, x64: bool):
-    self.data = np.load(path, allow_pickle=False)
+    self.data = open_fixture(path)
     self.x64 = x64
     self.dtype = np.float64 if x64 else np.float32
     self.model = model_lib.BHViT(**model_config_from_reference(str(self.data['config_json'])))
@@ -218,7 +238,7 @@ def check_steps(path, x64: bool = False) -> dict:
   """Replays a `steps_*.npz` fixture through the project's own jitted train step."""
   import os
   from bhvit_jax import optim, train  # pylint: disable=g-import-not-at-top
-  steps = np.load(path, allow_pickle=False)
+  steps = open_fixture(path, ('step0/labels', 'step1/input', 'step1/labels'))
   case = os.path.join(os.path.dirname(os.path.abspath(path)),
                       os.path.basename(path).replace('steps_', 'case_', 1))
   fx = Fixture(case, x64)

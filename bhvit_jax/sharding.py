@@ -15,6 +15,8 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from bhvit_jax import config_lib
+
 PyTree = Any
 AXES = ('data', 'fsdp')
 BATCH_SPEC = PartitionSpec(AXES)  # the leading (batch) axis over all devices
@@ -26,12 +28,14 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
   fsdp = int(mesh_config.get('fsdp', 1) or 1)
   data = int(mesh_config.get('data', -1))
   if fsdp < 1 or num_devices % fsdp:
-    raise ValueError(f'mesh.fsdp={fsdp} must be >= 1 and divide the {num_devices} devices')
+    raise config_lib.UserError(f'mesh.fsdp={fsdp} must be >= 1 and divide the {num_devices} '
+                               'devices')
   if data == -1:
     data = num_devices // fsdp
   if data < 1 or data * fsdp != num_devices:
-    raise ValueError(f'mesh.data={data} × mesh.fsdp={fsdp} must equal the number of devices '
-                     f'({num_devices}); use mesh.data=-1 for "all remaining devices"')
+    raise config_lib.UserError(f'mesh.data={data} × mesh.fsdp={fsdp} must equal the number of '
+                               f'devices ({num_devices}); use mesh.data=-1 for "all remaining '
+                               'devices"')
   return data, fsdp
 
 
@@ -96,8 +100,8 @@ def process_batch_block(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   """
   num_devices = mesh.devices.size
   if global_batch % num_devices:
-    raise ValueError(f'batch size {global_batch} is not divisible by the {num_devices} devices '
-                     f'of the mesh {dict(mesh.shape)}')
+    raise config_lib.UserError(f'batch size {global_batch} is not divisible by the '
+                               f'{num_devices} devices of the mesh {dict(mesh.shape)}')
   indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
   rows = sorted({(s[0].start or 0, s[0].stop or global_batch) for s in indices.values()})
   start, stop = rows[0][0], rows[-1][1]

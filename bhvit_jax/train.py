@@ -213,7 +213,7 @@ def evaluate(eval_step: Callable, state, batches) -> dict:
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   if totals is None:
-    raise ValueError('evaluation set is empty')
+    raise config_lib.UserError('evaluation set is empty')
   totals = sharding_lib.fetch(totals)
   count = max(float(totals['count']), 1.0)
   return {'top1': 100.0 * float(totals['correct']) / count,
@@ -243,7 +243,7 @@ def _total_steps(config, steps_per_epoch: int) -> int:
     return int(config.total_steps)
   if config.get('num_epochs'):
     return int(config.num_epochs) * steps_per_epoch
-  raise ValueError('set config.total_steps or config.num_epochs')
+  raise config_lib.UserError('set config.total_steps or config.num_epochs')
 
 
 class _SigtermFlag:

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from bhvit_jax import config_lib
 from bhvit_jax import data
 
 _TOOL = pathlib.Path(__file__).resolve().parents[1] / 'tools' / 'prepare_imagefolder.py'
@@ -176,7 +177,7 @@ def test_two_processes_load_halves_of_the_same_global_batch():
 def test_bad_configs_are_named():
   with pytest.raises(ValueError, match="'cifar'"):
     data.build_train_iter(make_config(name='cifar'), process_index=0, process_count=1)
-  with pytest.raises(FileNotFoundError, match='/no/such/dir'):
+  with pytest.raises(config_lib.UserError, match='/no/such/dir'):
     data.num_train_examples(make_config(name='imagefolder', data_dir='/no/such/dir'))
   with pytest.raises(ValueError, match='data_dir'):
     data.num_train_examples(make_config(name='imagefolder'))
@@ -204,8 +205,9 @@ def make_tree(root, corrupt=True):
 def test_prepare_imagefolder_skips_corrupt_and_loader_reads_labels(tmp_path, capsys):
   make_tree(tmp_path / 'src')
   out = tmp_path / 'out'
-  prepare_imagefolder.main([str(tmp_path / 'src'), str(out), '--splits', 'train,test',
-                            '--num-shards', '2', '--on-corrupt', 'skip', '--workers', '1'])
+  prepare_imagefolder.main(['prepare_imagefolder', str(tmp_path / 'src'), str(out),
+                            '--splits', 'train,test', '--num-shards', '2', '--on-corrupt',
+                            'skip', '--workers', '1'])
   assert 'bad.JPEG' in capsys.readouterr().err
   assert json.loads((out / 'labels.json').read_text()) == ['ant', 'cat', 'dog']
   assert len(list(out.glob('train.array_record-*-of-00002'))) == 2
@@ -228,7 +230,7 @@ def test_prepare_imagefolder_fails_naming_the_file_or_directory(tmp_path):
     prepare_imagefolder.prepare(str(tmp_path / 'src'), str(tmp_path / 'out'),
                                 splits=('train', 'test'), on_corrupt='fail')
   missing = str(tmp_path / 'src' / 'val')
-  with pytest.raises(FileNotFoundError, match=missing):
+  with pytest.raises(config_lib.UserError, match=missing):
     prepare_imagefolder.prepare(str(tmp_path / 'src'), str(tmp_path / 'out2'),
                                 splits=('val',))
 

@@ -98,7 +98,7 @@ def test_bad_npz_state_dict_names_the_file(tiny, tmp_path):
   model = tiny[2]
   reference = jax.eval_shape(lambda key: model_lib.init_variables(model, key),
                              jax.random.PRNGKey(0))
-  with pytest.raises(FileNotFoundError, match='missing.npz'):
+  with pytest.raises(config_lib.UserError, match='missing.npz'):
     ckpt_lib.load_any(str(tmp_path / 'missing.npz'), model, reference)
   corrupt = tmp_path / 'corrupt.npz'
   corrupt.write_bytes(b'not a zip archive')

@@ -1,8 +1,11 @@
 r"""Training and inference throughput and peak memory of bhvit_jax, optionally beside PyTorch.
 
   python tools/benchmark.py --config configs/bhvit_tiny.py --batch 16 --mode train --json
-  python tools/benchmark.py --preset small --mode eval,train --torch-repo /tmp/bhvit_ref
-  python tools/benchmark.py --config configs/bhvit_tiny.py --set model.split_groups=False
+  python tools/benchmark.py --variant small --mode eval,train --torch-repo /tmp/bhvit_ref
+  python tools/benchmark.py --config configs/bhvit_tiny.py --config.model.split_groups=False
+
+Without --config the model is a size of `bhvit_jax.model.VARIANTS` (--variant, updated by
+--model-json) with the published flags, trained with a fixed AdamW recipe (`variant_config`).
 
 Every case (implementation × mode) runs in its own subprocess, so the peak RSS
 (`resource.getrusage` high-water mark, `peak_mem_gib`, compilation included) belongs to that
@@ -30,10 +33,9 @@ the PyTorch model's initial weights converted by `bhvit_jax.convert`. When `tran
 `timm` are not installed, the few names the reference imports from them are provided by
 minimal stand-ins (`bhvit_jax.official`).
 """
-import argparse
 import collections
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -45,13 +47,16 @@ import time
 
 from bhvit_jax import official
 
+from absl import flags
+
+from bhvit_jax import cli
+
 GIB = 2.0 ** 30
 # XLA on CPU allocates every step's buffers afresh; with glibc's defaults each large buffer is
 # a new mmap whose 4 KiB pages fault in on first touch, which dominates the memory-bound
 # parts of the step. Transparent huge pages and a heap that is never trimmed remove that.
 MALLOC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
                    'glibc.malloc.trim_threshold=68719476736')
-PRESETS = {'tiny': (2, 2, 6, 2), 'small': (3, 4, 8, 4)}
 MODES = ('train', 'eval', 'packed', 'data')
 # Side of the JPEGs of --mode data: ImageNet's typical 500x375.
 DATA_IMAGE_SIDES = (500, 375)
@@ -60,18 +65,16 @@ DATA_IMAGE_SIDES = (500, 375)
 # ----------------------------------------------------------- configuration ---
 
 
-def preset_config(name: str):
-  """The published BHViT flags for `--preset tiny|small` when no config file is given."""
+def variant_config(model_fields: dict):
+  """The benchmark's config for a model without a config file: every BHViT field of
+  `model_fields` (published defaults for the rest) and a constant-lr AdamW recipe."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  if name not in PRESETS:
-    raise ValueError(f'unknown preset {name!r}; expected one of {sorted(PRESETS)}')
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  model = model_lib.from_config(model_fields)
   config = ml_collections.ConfigDict()
   config.compute_dtype = 'float32'
-  config.model = ml_collections.ConfigDict(dict(
-      hidden_sizes=(64, 128, 256, 512), depths=PRESETS[name], num_heads=(1, 1, 4, 8),
-      mlp_sizes=(512, 1024, 1024, 2048), num_classes=1000, image_size=224, patch_size=4,
-      window_size=7, weight_bits=1, input_bits=1, norm='batch', shift3=True, shift5=True,
-      some_fp=True, gsb=False, recu=False, disable_layerscale=False, drop_path=0.0))
+  config.model = ml_collections.ConfigDict(
+      {k: getattr(model, k) for k in model_lib.MODEL_FIELDS if k != 'dtype'})
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=5e-4, lr_batch_scale=512, schedule='constant', warmup_steps=0, min_lr=1e-8,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0, reg_beta=0.0,
@@ -84,42 +87,17 @@ def preset_config(name: str):
   return config
 
 
-def load_config(path: str):
-  """`get_config()` of a config file; `path:arg` passes `arg` as config_flags does."""
-  path, _, arg = path.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file not found: {path}')
-  spec = importlib.util.spec_from_file_location('benchmark_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def apply_overrides(config, overrides):
-  """`--set a.b=value` (value parsed as JSON/Python literal when possible)."""
-  import ast  # pylint: disable=g-import-not-at-top
-  for item in overrides:
-    key, sep, raw = item.partition('=')
-    if not sep:
-      raise ValueError(f'--set expects key=value, got {item!r}')
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    node, *rest = key.split('.')
-    target = config
-    for part in [node] + rest[:-1]:
-      target = target[part]
-    target[rest[-1] if rest else node] = value
-  return config
-
-
-def resolve_config(args):
-  config = load_config(args.config) if args.config else preset_config(args.preset)
-  config = apply_overrides(config, args.set)
+def resolve_config(f):
+  """The config of a run from the flags: --config (with overrides) or --variant."""
+  if f.config is None:
+    config = variant_config(cli.model_fields(f))
+  else:
+    cli.model_fields(f)  # checks that the file has a `model` and no --variant is given
+    config = f.config.copy_and_resolve_references()
   # The teacher's forward is not the student's cost; compare the student step alone.
-  config.loss.ce_weight = config.loss.get('ce_weight') or 1.0
-  config.loss.distill_weight = 0.0
+  with config.unlocked():
+    config.loss.ce_weight = config.loss.get('ce_weight') or 1.0
+    config.loss.distill_weight = 0.0
   return config
 
 
@@ -301,7 +279,7 @@ def write_sample_jpegs(folder: str, count: int, seed: int = 0) -> None:
 
 def data_config(config, data_dir: str, batch: int, workers: int):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  fields = dict(config.data)
+  fields = dict(config.get('data') or dict(image_size=config.model.image_size))
   fields.update(name='imagefolder', data_dir=data_dir, train_split='train', eval_split='train',
                 num_workers=workers, shuffle_seed=0, mean=(), std=(), on_corrupt='fail')
   return ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data=fields))
@@ -399,83 +377,70 @@ def torch_case(config, mode: str, batch: int, repeats: int, repo: str, threads: 
 # ------------------------------------------------------------------ driver ---
 
 
-def run_case(args) -> dict:
+def run_case(f, argv) -> dict:
   """Runs one case in this process and returns its record."""
-  config = resolve_config(args)
-  dtype = args.compute_dtype
-  record = {'impl': args.impl, 'mode': args.mode, 'batch': args.batch,
-            'config': args.config or f'preset:{args.preset}', 'overrides': args.set,
+  config = resolve_config(f)
+  dtype, repo = f['compute-dtype'].value, f['torch-repo'].value
+  source = (f"variant:{f.variant} {f['model-json'].value}".strip() if f.config is None
+            else f['config'].config_filename)
+  record = {'impl': f.impl, 'mode': f.mode[0], 'batch': f.batch, 'config': source,
+            'overrides': [a for a in argv[1:] if a.startswith('--config.')],
             'load_avg': os.getloadavg()[0], 'cores': os.cpu_count(), 'cpu': cpu_name()}
   try:
-    if args.impl == 'jax':
+    if f.impl == 'jax':
       if dtype == 'auto':
         import jax  # pylint: disable=g-import-not-at-top
         dtype = config.compute_dtype if jax.default_backend() != 'cpu' else 'float32'
-      timing, machine = jax_case(config, args.mode, args.batch, args.repeats, args.weights,
-                                 dtype)
+      timing, machine = jax_case(config, f.mode[0], f.batch, f.repeats, f.weights, dtype)
       record['compute_dtype'] = dtype
     else:
-      timing, machine = torch_case(config, args.mode, args.batch, args.repeats, args.torch_repo,
-                                   args.threads, args.weights)
+      timing, machine = torch_case(config, f.mode[0], f.batch, f.repeats, repo, f.threads,
+                                   f.weights)
   except (SkipCase, official.UnsupportedConfig) as e:
     record['skipped'] = str(e)
     return record
   step_s = median(timing.step_s)
   record.update(machine)
-  record.update(images_per_s=args.batch / step_s, step_s=step_s, compile_s=timing.compile_s,
+  record.update(images_per_s=f.batch / step_s, step_s=step_s, compile_s=timing.compile_s,
                 warmup_s=timing.warmup_s, step_s_all=timing.step_s, peak_mem_gib=peak_rss_gib(),
                 glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
   return record
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  source = parser.add_mutually_exclusive_group()
-  source.add_argument('--config', help='ml_collections config file (path[:variant])')
-  source.add_argument('--preset', choices=sorted(PRESETS), default='tiny',
-                      help='published BHViT flags without a config file')
-  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                      help='config override, e.g. model.split_groups=True (repeatable)')
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--mode', default='train,eval',
-                      help=f'comma-separated subset of {",".join(MODES)}')
-  parser.add_argument('--repeats', type=int, default=5, help='timed steps (median reported)')
-  parser.add_argument('--data-images', type=int, default=256,
-                      help='JPEGs streamed per --mode data case')
-  parser.add_argument('--compute-dtype', default='auto',
-                      help="'auto' (float32 on CPU, the config's compute_dtype elsewhere), "
-                           "'float32' or 'bfloat16'")
-  parser.add_argument('--torch-repo', help='checkout of the official BHViT repository')
-  parser.add_argument('--threads', type=int, default=os.cpu_count(),
-                      help='PyTorch intra-op threads')
-  parser.add_argument('--malloc', choices=('tuned', 'default'), default='tuned',
-                      help="'tuned': run the JAX cases with MALLOC_TUNABLES (PyTorch cases "
-                           "always run in the caller's environment)")
-  parser.add_argument('--json', action='store_true', help='one JSON line per case only')
+def define_flags(flag_values, argv):
+  cli.define_model_flags(flag_values, argv)
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer('batch', 16, 'images per step', lower_bound=1, **fv)
+  flags.DEFINE_list('mode', ['train', 'eval'], f'comma-separated subset of {",".join(MODES)}',
+                    **fv)
+  flags.DEFINE_integer('repeats', 5, 'timed steps (median reported)', lower_bound=1, **fv)
+  flags.DEFINE_integer('data-images', 256, 'JPEGs streamed per --mode data case',
+                       lower_bound=2, **fv)
+  flags.DEFINE_enum('compute-dtype', 'auto', ['auto', 'float32', 'bfloat16'],
+                    "'auto': float32 on CPU, the config's compute_dtype elsewhere", **fv)
+  flags.DEFINE_string('torch-repo', '', 'checkout of the official BHViT repository', **fv)
+  flags.DEFINE_integer('threads', os.cpu_count(), 'PyTorch intra-op threads', lower_bound=1,
+                       **fv)
+  flags.DEFINE_enum('malloc', 'tuned', ['tuned', 'default'], "'tuned': run the JAX cases with "
+                    "MALLOC_TUNABLES (PyTorch cases always run in the caller's environment)",
+                    **fv)
+  flags.DEFINE_bool('json', False, 'one JSON line per case only', **fv)
   # Internal: run one case in this process (used by the driver's subprocesses).
-  parser.add_argument('--impl', choices=('jax', 'torch'), help=argparse.SUPPRESS)
-  parser.add_argument('--weights', default='', help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  modes = [m for m in args.mode.split(',') if m]
-  bad = sorted(set(modes) - set(MODES))
-  if bad or not modes:
-    parser.error(f'--mode {args.mode!r}: expected a comma-separated subset of {MODES}')
-  if args.batch < 1 or args.repeats < 1:
-    parser.error('--batch and --repeats must be positive')
-  args.modes = modes
-  return args
+  flags.DEFINE_enum('impl', None, ['jax', 'torch'], 'internal: run one case here', **fv)
+  flags.DEFINE_string('weights', '', 'internal: initial weights (.npz) of the JAX cases', **fv)
 
 
-def _case_argv(args, impl, mode, weights):
-  argv = [sys.executable, os.path.abspath(__file__), '--impl', impl, '--mode', mode,
-          '--batch', str(args.batch), '--repeats', str(args.repeats), '--compute-dtype',
-          args.compute_dtype, '--threads', str(args.threads), '--weights', weights]
-  argv += ['--config', args.config] if args.config else ['--preset', args.preset]
-  for item in args.set:
-    argv += ['--set', item]
-  if args.torch_repo:
-    argv += ['--torch-repo', args.torch_repo]
-  return argv
+def check_flags(f):
+  bad = sorted(set(f.mode) - set(MODES))
+  if bad or not f.mode:
+    raise cli.UserError(f'--mode must be a comma-separated subset of {",".join(MODES)} '
+                        f'({",".join(f.mode)})')
+  if f['torch-repo'].value:
+    cli.input_path(f['torch-repo'].value, '--torch-repo', 'dir')
+  config = resolve_config(f)
+  if not f.impl:  # the driver reports a bad model before any case starts
+    from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    model_lib.from_config(config.model)
 
 
 def _run_subprocess(argv, tunables: bool) -> dict:
@@ -509,33 +474,36 @@ def _describe(r: dict) -> str:
           f"(load {r['load_avg']:.1f})")
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  if args.impl:
-    args.mode = args.modes[0]
-    print(json.dumps(run_case(args)), flush=True)
+def _benchmark(f, argv):
+  check_flags(f)
+  if f.impl:
+    print(json.dumps(run_case(f, argv)), flush=True)
     return 0
   records = []
+  repo = f['torch-repo'].value
   with tempfile.TemporaryDirectory() as tmp:
-    weights = os.path.join(tmp, 'reference_init.npz') if args.torch_repo else ''
-    for mode in args.modes:
+    weights = os.path.join(tmp, 'reference_init.npz') if repo else ''
+    for mode in f.mode:
       if mode == 'data':
-        for record in data_cases(resolve_config(args), args.batch, args.data_images):
+        for record in data_cases(resolve_config(f), f.batch, f['data-images'].value):
           records.append(record)
-          print(json.dumps(record) if args.json else _describe(record), flush=True)
+          print(json.dumps(record) if f.json else _describe(record), flush=True)
         continue
-      impls = ['torch', 'jax'] if args.torch_repo else ['jax']
-      for impl in impls:
-        tunables = args.malloc == 'tuned' and impl == 'jax'
-        record = _run_subprocess(_case_argv(args, impl, mode, weights), tunables)
+      for impl in ['torch', 'jax'] if repo else ['jax']:
+        tunables = f.malloc == 'tuned' and impl == 'jax'
+        # The case gets this command line (config, overrides, model) with its own mode; absl
+        # keeps the last value of a repeated flag.
+        case_argv = [sys.executable, os.path.abspath(__file__), *argv[1:], '--impl', impl,
+                     '--mode', mode, '--weights', weights]
+        record = _run_subprocess(case_argv, tunables)
         records.append(record)
-        print(json.dumps(record) if args.json else _describe(record), flush=True)
-      if args.torch_repo and not args.json:
+        print(json.dumps(record) if f.json else _describe(record), flush=True)
+      if repo and not f.json:
         by_impl = {r.get('impl'): r for r in records[-2:] if 'images_per_s' in r}
         if len(by_impl) == 2:
           print(f"  {mode}: jax/torch = "
                 f"{by_impl['jax']['images_per_s'] / by_impl['torch']['images_per_s']:.2f}x")
-  if not args.json:
+  if not f.json:
     _print_bottleneck(records)
   return 1 if any('error' in r for r in records) else 0
 
@@ -549,6 +517,11 @@ def _print_bottleneck(records):
   if model and feed:
     print(f'train step {model[0]:.1f} images/s vs input pipeline up to {max(feed):.1f} '
           f"images/s: {'the input pipeline' if max(feed) < model[0] else 'the model'} limits")
+
+
+def main(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  return cli.run(lambda f, _: _benchmark(f, argv), define_flags, argv)
 
 
 if __name__ == '__main__':

@@ -27,32 +27,37 @@ evaluated image: `path` (relative to --data; `index` into the split otherwise), 
 import functools
 import json
 import os
+import sys
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 import optax
 
 from bhvit_jax import checkpoint as ckpt_lib
+from bhvit_jax import cli
 from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
-from bhvit_jax import main as main_lib
 from bhvit_jax import model as model_lib
 from bhvit_jax import packed
 from bhvit_jax import train
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                  'orbax directory, .msgpack, .pth/.pt/.npz or packed file')
-_SPLIT = flags.DEFINE_string('split', 'eval', "'eval', 'train' or a split name")
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'evaluation batch (0: config.batch_size)')
-_JSON = flags.DEFINE_string('json', '', 'also write the result as JSON to this path')
-_DATA = flags.DEFINE_string('data', '', 'image folder DIR/<class>/<image> to evaluate '
-                            '(instead of the config data set)')
-_PREDICTIONS = flags.DEFINE_string('predictions', '', 'write per-image logits (JSON lines)')
-# --config (a config file, with --config.x=... overrides) is the flag bhvit_jax.train defines
-# when imported; absl allows one definition, so this tool parses that one.
-FLAGS = flags.FLAGS
+
+def define_flags(flag_values, argv):
+  cli.define_config(flag_values, argv)
+  flags.DEFINE_string('checkpoint', None, 'run directory, WORKDIR:<step>, .msgpack, '
+                      '.pth/.pt/.npz or packed file', flag_values=flag_values)
+  flags.DEFINE_string('split', 'eval', "'eval', 'train' or a split name",
+                      flag_values=flag_values)
+  flags.DEFINE_integer('batch_size', 0, 'evaluation batch (0: config.batch_size)',
+                       lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_string('json', '', 'also write the result as JSON to this path',
+                      flag_values=flag_values)
+  flags.DEFINE_string('data', '', 'image folder DIR/<class>/<image> to evaluate (instead of '
+                      'the config data set)', flag_values=flag_values)
+  flags.DEFINE_string('predictions', '', 'write per-image logits (JSON lines)',
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(['config', 'checkpoint'], flag_values=flag_values)
 
 
 def split_name(config, split: str) -> str:
@@ -154,8 +159,9 @@ def _float_model_state(config, checkpoint: str):
 def _check_data(config, model):
   train.check_num_classes(config, model)
   if model.image_size != config.data.image_size:
-    raise ValueError(f'the model takes {model.image_size}² images but the config prepares '
-                     f'{config.data.image_size}² (set --config.data.image_size)')
+    raise config_lib.UserError(f'the model takes {model.image_size}² images but the config '
+                               f'prepares {config.data.image_size}² (set '
+                               '--config.data.image_size)')
 
 
 def format_table(result: dict) -> str:
@@ -167,23 +173,25 @@ def format_table(result: dict) -> str:
   return '\n'.join(f'{name:<11}{value}' for name, value in rows)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
-    result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value,
-                                 _DATA.value, _PREDICTIONS.value)
-  except main_lib.USER_ERRORS as e:
-    config_lib.fail(str(e))
+def run_evaluation(f, argv):
+  del argv
+  for path, flag in ((f.json, '--json'), (f.predictions, '--predictions')):
+    if path:
+      cli.check_output(path, flag)  # before the evaluation, not after
+  result = evaluate_checkpoint(f.config, f.checkpoint, f.split, f.batch_size, f.data,
+                               f.predictions)
   print(format_table(result))
-  if _PREDICTIONS.value:
-    print(f'wrote {_PREDICTIONS.value}')
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(result, f, indent=2)
-    print(f'wrote {_JSON.value}')
+  if f.predictions:
+    print(f'wrote {f.predictions}')
+  if f.json:
+    with cli.output_file(f.json, '--json') as tmp, open(tmp, 'w') as out:
+      json.dump(result, out, indent=2)
+    print(f'wrote {f.json}')
+
+
+def main(argv=None):
+  return cli.run(run_evaluation, define_flags, argv)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'checkpoint'])
-  app.run(main)
+  sys.exit(main())

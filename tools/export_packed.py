@@ -1,67 +1,59 @@
 r"""Exports a BHViT to the bit-packed deployable format (bhvit_jax.packed) and checks it.
 
-  python tools/export_packed.py --fixture /work/shared/fixtures/case_public.npz --out fx.bhvitpk
+  python tools/export_packed.py --fixture ../shared/fixtures/case_public.npz --out fx.bhvitpk
   python tools/export_packed.py --config configs/bhvit_tiny.py --checkpoint tiny.pth --out t.pk
-  python tools/export_packed.py --preset small --out small.pk --benchmark_batch 16
+  python tools/export_packed.py --variant small --out small.pk --benchmark_batch 16
 
-Variables come from --checkpoint (a PyTorch .pth/.pt or an orbax run directory), from the
-case fixture (--fixture, its model and inputs), or a random init. Prints the file size next to
-the float32 checkpoint and the theoretical size (binarized/8 + full precision·4 bytes), the
-relative error of the packed eval logits against the float model's, and optionally eval
-images/s of both. The last line is a JSON object of these numbers.
+Variables come from --checkpoint (anything `checkpoint.load_any` reads: a run directory,
+WORKDIR:<step>, .msgpack, .pth/.pt/.npz), from the case fixture (--fixture, its model and
+inputs), or a random init. The model is --config's, else --variant (a size of
+`model.VARIANTS`) updated by --model-json. Prints the file size next to the float32
+checkpoint and the theoretical size (binarized/8 + full precision·4 bytes), the relative error
+of the packed eval logits against the float model's, and optionally eval images/s of both.
+The last line is a JSON object of these numbers.
 """
 import json
-import os
+import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 
 from bhvit_jax import checkpoint
-from bhvit_jax import convert
+from bhvit_jax import cli
 from bhvit_jax import model as model_lib
 from bhvit_jax import packed
 from bhvit_jax import reference
 
-PRESETS = {'tiny': {'depths': (2, 2, 6, 2)}, 'small': {'depths': (3, 4, 8, 4)}}
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file with a `model` sub-config')
-_PRESET = flags.DEFINE_enum('preset', 'tiny', list(PRESETS), 'model without --config/--fixture')
-_MODEL_JSON = flags.DEFINE_string('model-json', '', 'JSON of BHViT fields updating the preset')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', '', '.pth/.pt file or orbax run directory')
-_FIXTURE = flags.DEFINE_string('fixture', '', 'reference case .npz: its model, state and input')
-_OUT = flags.DEFINE_string('out', None, 'packed output file', required=True)
-_FP16 = flags.DEFINE_bool('fp16', False, 'store the full-precision parts as float16')
-_BATCH = flags.DEFINE_integer('benchmark_batch', 0, 'measure eval images/s at this batch (0: off)')
-_SEED = flags.DEFINE_integer('seed', 0, 'random init / random images seed')
-
-
-def build_model():
-  if _CONFIG.value is not None:
-    return model_lib.from_config(_CONFIG.value.model)
-  fields = dict(PRESETS[_PRESET.value])
-  fields.update(json.loads(_MODEL_JSON.value or '{}'))
-  return model_lib.from_config(fields)
+def define_flags(flag_values, argv):
+  cli.define_model_flags(flag_values, argv)
+  for name, default, text in (
+      ('checkpoint', '', 'run directory, WORKDIR:<step>, .msgpack or .pth/.pt/.npz'),
+      ('fixture', '', 'reference case .npz: its model, state and input'),
+      ('out', None, 'packed output file')):
+    flags.DEFINE_string(name, default, text, flag_values=flag_values)
+  flags.mark_flag_as_required('out', flag_values=flag_values)
+  flags.DEFINE_bool('fp16', False, 'store the full-precision parts as float16',
+                    flag_values=flag_values)
+  flags.DEFINE_integer('benchmark_batch', 0, 'measure eval images/s at this batch (0: off)',
+                       lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_integer('seed', 0, 'random init / random images seed', flag_values=flag_values)
 
 
-def load_variables(model):
+def load_variables(f):
   """(model, variables, images) from the flags."""
-  if _FIXTURE.value:
-    fx = reference.Fixture(_FIXTURE.value, x64=False)
+  if f.fixture:
+    fx = reference.Fixture(cli.input_path(f.fixture, '--fixture'), x64=False)
     return fx.model, fx.variables, fx.images
-  key = jax.random.PRNGKey(_SEED.value)
+  model = model_lib.from_config(cli.model_fields(f))
+  key = jax.random.PRNGKey(f.seed)
   images = jax.random.normal(key, (2, model.image_size, model.image_size, 3), jnp.float32)
-  if not _CHECKPOINT.value:
-    variables = jax.jit(lambda k: model.init({'params': k}, images[:1]))(key)
-  elif os.path.isdir(_CHECKPOINT.value):
-    variables = checkpoint.load_variables(_CHECKPOINT.value)
-  else:
-    variables = convert.torch_to_flax(convert.load_torch_file(_CHECKPOINT.value), model)
-  return model, variables, images
+  if f.checkpoint:
+    return model, checkpoint.load_any(f.checkpoint, model), images
+  return model, model_lib.init_variables(model, key), images
 
 
 def images_per_second(fn, images, repeats=3):
@@ -72,13 +64,13 @@ def images_per_second(fn, images, repeats=3):
   return repeats * images.shape[0] / (time.perf_counter() - start)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  model, variables, images = load_variables(build_model())
-  tree = packed.export(model, variables, np.float16 if _FP16.value else np.float32)
-  size = packed.save(tree, _OUT.value)
-  _, arrays = packed.load(_OUT.value)
+def export(f, argv):
+  del argv
+  with cli.output_file(f.out) as tmp:
+    model, variables, images = load_variables(f)
+    tree = packed.export(model, variables, np.float16 if f.fp16 else np.float32)
+    size = packed.save(tree, tmp)
+    _, arrays = packed.load(tmp)
   # Weights are jit arguments: as closure constants XLA folds them and rounds differently.
   packed_jit = jax.jit(lambda a, x: packed.apply(model, a, x))
   float_jit = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -88,9 +80,9 @@ def main(argv):
             'theoretical_bytes': packed.theoretical_bytes(model),
             'logits_rel': reference.rel_error(packed_fn(images), float_fn(images))}
   report['packed_over_theoretical'] = size / report['theoretical_bytes']
-  if _BATCH.value:
+  if f.benchmark_batch:
     batch = jax.random.normal(jax.random.PRNGKey(1),
-                              (_BATCH.value, model.image_size, model.image_size, 3))
+                              (f.benchmark_batch, model.image_size, model.image_size, 3))
     report['packed_images_per_s'] = images_per_second(packed_fn, batch)
     report['float_images_per_s'] = images_per_second(float_fn, batch)
   for key, value in report.items():
@@ -98,5 +90,9 @@ def main(argv):
   print(json.dumps(report))
 
 
+def main(argv=None):
+  return cli.run(export, define_flags, argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

@@ -1,6 +1,6 @@
 r"""PNG of BHViT's binarized attention for chosen blocks, heads, window and query.
 
-  python tools/plot_attention.py --fixture /work/shared/fixtures/case_public.npz \
+  python tools/plot_attention.py --fixture ../shared/fixtures/case_public.npz \
       --image fixture:0 --blocks layerB_0,layerB_1 --heads 0,1 --query 24 --out attn.png
   python tools/plot_attention.py --config configs/demo.py --checkpoint runs/demo \
       --image mnist:3 --out attn.png
@@ -11,13 +11,12 @@ the query over its keys (the window's w×w tokens, then the image's global token
 for gsb attention the three maps of quantization decomposition T0, T1, T2
 (quantizers.gsb_maps) and the quantized row α·(T0 + α2·T1 + α3·T2) with the learned α, α2, α3;
 for the 3-level LSQ quantizer its integer levels instead; last, the keys that every query of
-the window keeps (quantized probability ≠ 0). Variables: --fixture (its model and state), --checkpoint (.pth or
-orbax run directory, model from --config / --preset / --model-json) or a random init.
+the window keeps (quantized probability ≠ 0). Variables: --fixture (its model and state),
+--checkpoint (anything `checkpoint.load_any` reads; model from --config, or --variant from
+`model.VARIANTS` updated by --model-json) or a random init.
 """
-import json
-import os
+import sys
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -25,16 +24,15 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
-from ml_collections import config_flags
 from PIL import Image
 
 from bhvit_jax import checkpoint
-from bhvit_jax import convert
+from bhvit_jax import cli
 from bhvit_jax import data
 from bhvit_jax import model as model_lib
 from bhvit_jax import reference
 
-PRESETS = {'tiny': {'depths': (2, 2, 6, 2)}, 'small': {'depths': (3, 4, 8, 4)}}
+UserError = cli.UserError
 
 
 def attention_probs(model, variables, images):
@@ -44,7 +42,7 @@ def attention_probs(model, variables, images):
   out = {block: np.asarray(tree['attention']['attention']['attention_probs'][0])
          for block, tree in state['intermediates'].items()}
   if not out:
-    raise ValueError('the model has no attention blocks')
+    raise UserError('the model has no attention blocks')
   return out
 
 
@@ -79,7 +77,7 @@ def plot(model, variables, image, blocks=None, heads=(0,), window=0, query=0, ou
   blocks = blocks or names
   unknown = [b for b in blocks if b not in names]
   if unknown:
-    raise ValueError(f'no attention block named {unknown}; choose from {names}')
+    raise UserError(f'no attention block named {unknown}; choose from {names}')
   maps = attention_probs(model, variables, jnp.asarray(image)[None])
   rows = [(b, h) for b in blocks for h in heads]
   fig, axes = plt.subplots(len(rows), 7, figsize=(21, 3.2 * len(rows)), squeeze=False)
@@ -96,7 +94,7 @@ def _plot_row(axes, model, variables, block, head, probs, window, query, shown):
   n_win, heads, nq, _ = probs.shape
   w = model.window_size
   if not (0 <= head < heads and 0 <= window < n_win and 0 <= query < nq):
-    raise ValueError(f'{block}: head {head}, window {window}, query {query} out of range '
+    raise UserError(f'{block}: head {head}, window {window}, query {query} out of range '
                      f'(heads {heads}, windows {n_win}, queries {nq})')
   p = probs[window, head]
   parts, quantized = quantized_rows(model, variables, block, p, head)
@@ -120,69 +118,80 @@ def _plot_row(axes, model, variables, block, head, probs, window, query, shown):
     ax.axis('off')
 
 
+def _index(spec, text, size):
+  if not text.isdigit() or int(text) >= size:
+    raise UserError(f'--image index must be in [0, {size}) ({spec})')
+  return int(text)
+
+
 def load_image(spec, image_size, fixture=None):
-  """`path` | `mnist:IDX` | `fixture:IDX` -> normalized float32 `[S, S, 3]`."""
-  kind, _, index = spec.partition(':')
+  """`path` | `mnist:IDX` | `mnist:SPLIT:IDX` | `fixture:IDX` -> normalized `[S, S, 3]`."""
+  kind, _, rest = spec.partition(':')
   if kind == 'fixture':
     if fixture is None:
-      raise ValueError('--image fixture:IDX needs --fixture')
-    return np.asarray(fixture.images[int(index)])
-  if kind == 'mnist' and index.isdigit():
-    pixels, _ = data.MnistSource('test', image_size)[int(index)]
+      raise UserError(f'--image fixture:IDX needs --fixture ({spec})')
+    return np.asarray(fixture.images[_index(spec, rest, len(fixture.images))])
+  if kind == 'mnist':
+    split, _, index = rest.rpartition(':')
+    if split not in ('', 'train', 'test'):
+      raise UserError(f"--image mnist split must be 'train' or 'test' ({spec})")
+    source = data.MnistSource(split or 'test', image_size)
+    pixels, _ = source[_index(spec, index, len(source))]
     return data.normalize(pixels, data.MNIST_MEAN, data.MNIST_STD)
-  if not os.path.isfile(spec):
-    raise FileNotFoundError(f'--image {spec!r}: not a file, mnist:IDX or fixture:IDX')
-  with Image.open(spec) as img:
-    pixels = data.eval_transform(img.convert('RGB'), image_size,
-                                 int(image_size / data.EVAL_CROP_RATIO))
+  cli.input_path(spec, '--image (a file, mnist:IDX or fixture:IDX)')
+  try:
+    with Image.open(spec) as img:
+      pixels = data.eval_transform(img.convert('RGB'), image_size,
+                                   int(image_size / data.EVAL_CROP_RATIO))
+  except OSError as e:
+    raise UserError(f'--image is not a readable image: {e} ({spec})') from None
   return data.normalize(pixels, data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 
-def define_flags():
-  """Flags of the command line (not defined on import, so tests can import this module)."""
-  config_flags.DEFINE_config_file('config', None, 'config file with a `model` sub-config')
-  flags.DEFINE_enum('preset', 'tiny', list(PRESETS), 'model without --config/--fixture')
-  flags.DEFINE_string('model-json', '', 'JSON of BHViT fields updating the preset')
-  flags.DEFINE_string('fixture', '', 'reference case .npz (model, state, inputs)')
-  flags.DEFINE_string('checkpoint', '', '.pth/.pt file or orbax run directory')
-  flags.DEFINE_string('image', 'fixture:0', 'path, mnist:IDX or fixture:IDX')
-  flags.DEFINE_list('blocks', [], 'attention blocks, e.g. layerB_0 (default: all)')
-  flags.DEFINE_list('heads', ['0'], 'heads to show')
-  flags.DEFINE_integer('window', 0, 'window index of the image (row-major)')
+def define_flags(flag_values, argv):
+  cli.define_model_flags(flag_values, argv)
+  for name, default, text in (
+      ('fixture', '', 'reference case .npz (model, state, inputs)'),
+      ('checkpoint', '', 'run directory, WORKDIR:<step>, .msgpack or .pth/.pt/.npz'),
+      ('image', 'fixture:0', 'path, mnist:IDX, mnist:SPLIT:IDX or fixture:IDX'),
+      ('out', 'attention.png', 'output PNG')):
+    flags.DEFINE_string(name, default, text, flag_values=flag_values)
+  flags.DEFINE_list('blocks', [], 'attention blocks, e.g. layerB_0 (default: all)',
+                    flag_values=flag_values)
+  flags.DEFINE_list('heads', ['0'], 'heads to show', flag_values=flag_values)
+  flags.DEFINE_integer('window', 0, 'window index of the image (row-major)',
+                       flag_values=flag_values)
   flags.DEFINE_integer('query', 0, 'query token in the window (w·w window tokens, then the '
-                       'global tokens)')
-  flags.DEFINE_string('out', 'attention.png', 'output PNG')
+                       'global tokens)', flag_values=flag_values)
 
 
 def _model_and_variables(f):
   if f.fixture:
-    fx = reference.Fixture(f.fixture, x64=False)
+    fx = reference.Fixture(cli.input_path(f.fixture, '--fixture'), x64=False)
     return fx.model, fx.variables, fx
-  if f.config is not None:
-    model = model_lib.from_config(f.config.model)
-  else:
-    overrides = json.loads(f['model-json'].value or '{}')
-    model = model_lib.from_config({**PRESETS[f.preset], **overrides})
-  if not f.checkpoint:
-    images = jnp.zeros((1, model.image_size, model.image_size, 3))
-    key = jax.random.key(0, impl='unsafe_rbg')  # threefry compiles slowly for a whole init
-    return model, jax.jit(model.init)({'params': key}, images), None
-  if os.path.isdir(f.checkpoint):
-    return model, checkpoint.load_variables(f.checkpoint), None
-  return model, convert.torch_to_flax(convert.load_torch_file(f.checkpoint), model), None
+  model = model_lib.from_config(cli.model_fields(f))
+  if f.checkpoint:
+    return model, checkpoint.load_any(f.checkpoint, model), None
+  images = jnp.zeros((1, model.image_size, model.image_size, 3))
+  key = jax.random.key(0, impl='unsafe_rbg')  # threefry compiles slowly for a whole init
+  return model, jax.jit(model.init)({'params': key}, images), None
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  model, variables, fixture = _model_and_variables(f)
-  image = load_image(f.image, model.image_size, fixture)
-  size = plot(model, variables, image, f.blocks, [int(h) for h in f.heads], f.window, f.query,
-              f.out)
+def plot_attention(f, argv):
+  del argv
+  with cli.output_file(f.out) as tmp:
+    model, variables, fixture = _model_and_variables(f)
+    image = load_image(f.image, model.image_size, fixture)
+    if not all(h.isdigit() for h in f.heads):
+      raise UserError(f'--heads must be non-negative integers ({",".join(f.heads)})')
+    size = plot(model, variables, image, f.blocks, [int(h) for h in f.heads], f.window,
+                f.query, tmp)
   print(f'wrote {f.out} ({size[0]}x{size[1]} px)')
 
 
+def main(argv=None):
+  return cli.run(plot_attention, define_flags, argv)
+
+
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  sys.exit(main())

@@ -5,19 +5,20 @@ sign-flip rate), read from each WORKDIR/metrics.jsonl of `bhvit_jax.train`.
 
 Labels default to the workdirs' base names.
 """
-import argparse
 import os
 import sys
 
+from bhvit_jax import cli
 from bhvit_jax import plots
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv):
+  parser = cli.ArgumentParser(prog=os.path.basename(argv[0]),
+                              description=__doc__.splitlines()[0])
   parser.add_argument('workdirs', nargs='+', help='training workdirs (with metrics.jsonl)')
   parser.add_argument('--out', default='runs.png', help='PNG to write')
   parser.add_argument('--labels', default='', help='comma-separated, one per workdir')
-  args = parser.parse_args(argv)
+  args = parser.parse_args(argv[1:])
   labels = args.labels.split(',') if args.labels else [
       os.path.basename(os.path.normpath(w)) for w in args.workdirs]
   if len(labels) != len(args.workdirs):
@@ -27,14 +28,17 @@ def parse_args(argv=None):
   return args, labels
 
 
-def main(argv=None):
+def _plot(argv):
   args, labels = parse_args(argv)
-  try:
+  with cli.output_file(args.out) as tmp:
     runs = {label: plots.read_history(w) for label, w in zip(labels, args.workdirs)}
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
-  print(f'wrote {plots.plot_runs(runs, args.out)}')
+    plots.plot_runs(runs, tmp)
+  print(f'wrote {args.out}')
+
+
+def main(argv=None):
+  return cli.run(_plot, argv=argv)
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -21,7 +21,6 @@ is renamed into place when every split is complete, so a re-run (e.g. with anoth
 OUT_DIR must hold nothing but a previous conversion.
 """
 
-import argparse
 import concurrent.futures
 import contextlib
 import io
@@ -35,6 +34,7 @@ from array_record.python import array_record_module
 import numpy as np
 from PIL import Image
 
+from bhvit_jax import cli
 from bhvit_jax import config_lib
 from bhvit_jax import data
 
@@ -123,7 +123,7 @@ def prepare(src_dir: str, out_dir: str, *, splits=('train', 'val'), num_shards: 
   plans = {s: data.list_images(os.path.join(src_dir, s), classes) for s in splits}
   for split, (items, _) in plans.items():
     if not items:
-      raise FileNotFoundError(f'no images under {os.path.join(src_dir, split)!r}')
+      raise config_lib.UserError(f'no images under {os.path.join(src_dir, split)!r}')
   _check_replaceable(out_dir)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   new_dir = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.new-',
@@ -141,8 +141,9 @@ def prepare(src_dir: str, out_dir: str, *, splits=('train', 'val'), num_shards: 
   return counts
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _prepare(argv):
+  parser = cli.ArgumentParser(prog=os.path.basename(argv[0]),
+                              description=__doc__.splitlines()[0])
   parser.add_argument('src_dir', help='contains <split>/<class>/<image>')
   parser.add_argument('out_dir', help='replaced as a whole when the conversion is complete')
   parser.add_argument('--num-shards', type=int, default=1)
@@ -151,17 +152,18 @@ def main(argv=None):
                       help='comma-separated; the first one defines the classes')
   parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
                       help='processes decoding images to check them')
-  args = parser.parse_args(argv)
-  try:
-    counts = prepare(args.src_dir, args.out_dir, splits=tuple(args.splits.split(',')),
-                     num_shards=args.num_shards, on_corrupt=args.on_corrupt,
-                     workers=args.workers)
-  except (config_lib.UserError, FileNotFoundError) as e:
-    config_lib.fail(str(e))
+  args = parser.parse_args(argv[1:])
+  counts = prepare(args.src_dir, args.out_dir, splits=tuple(args.splits.split(',')),
+                   num_shards=args.num_shards, on_corrupt=args.on_corrupt,
+                   workers=args.workers)
   for split, c in counts.items():
     print(f"{split}: {c['written']} images written, {c['skipped']} unreadable skipped, "
           f"{c['ignored']} non-image files ignored")
 
 
+def main(argv=None):
+  return cli.run(_prepare, argv=argv)
+
+
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
