@@ -32,6 +32,7 @@ import optax
 from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
+from bhvit_jax import finetune
 from bhvit_jax import losses
 from bhvit_jax import model as model_lib
 from bhvit_jax import optim
@@ -230,23 +231,26 @@ def init_variables(model, rng) -> dict:
       {'params': rng}, images))
 
 
-def load_pretrained(path: str, model, reference: dict) -> dict:
+def load_pretrained(path: str, model, reference: dict, adapt: bool = False) -> dict:
   """Variables from a PyTorch state dict (.pth/.pt, or `.npz` of its arrays by name), a Flax
   `.msgpack` file or an orbax run/checkpoint directory.
 
+  `adapt` (fine-tuning) first fits another class count or resolution (`finetune`).
   Raises a ShapeMismatchError listing every leaf that differs from `reference`.
   """
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path) or path.endswith('.msgpack'):
     loaded = convert.load_flax_variables(path)
   elif path.endswith(('.pth', '.pt', '.npz')):
-    loaded = convert.torch_to_flax(convert.load_torch_file(path), model)
+    state = convert.load_torch_file(path)
+    loaded = convert.torch_to_flax(state, finetune.source_model(state, model) if adapt else model)
   else:
     raise ValueError(f'{path!r}: expected a .pth/.pt file, a .npz state dict, a .msgpack file '
                      'or an orbax directory')
   loaded = {k: v for k, v in loaded.items() if k in reference and v}
   if 'params' not in loaded:
     raise ValueError(f'pretrained weights {path} contain no params')
+  loaded = finetune.adapt_variables(loaded, reference) if adapt else loaded
   ckpt_lib.check_shapes(loaded, {k: reference[k] for k in loaded}, f'pretrained weights {path}')
   merged = dict(reference)
   merged.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in loaded.items()})
@@ -465,7 +469,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   init_rng, step_rng = jax.random.split(rng)
   variables = init_variables(model, init_rng)
   if config.get('init_from'):
-    variables = load_pretrained(config.init_from, model, variables)
+    variables = load_pretrained(config.init_from, model, variables, adapt=True)
   state = create_train_state(variables, tx)
   state_shardings = sharding_lib.tree_shardings(mesh, state)
   teacher_shardings = sharding_lib.tree_shardings(mesh, teacher_variables)
@@ -582,6 +586,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines drown the bar
   try:
     config_lib.validate(_CONFIG.value)
+    if _CONFIG.value.get('task') == 'segmentation':
+      from bhvit_jax import segmentation  # pylint: disable=g-import-not-at-top
+      _, summary = segmentation.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      print(f"held-out mIoU: {summary['miou']:.2f}%")
+      return
     _, summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except NonFiniteError as e:
     config_lib.fail(str(e), code=1)

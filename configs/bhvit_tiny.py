@@ -53,7 +53,7 @@ def imagenet_config(model_sizes: dict, variant: str = 'run'):
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=5e-4, lr_batch_scale=512, schedule='cosine_epoch', warmup_steps=0, min_lr=1e-8,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0, reg_beta=0.0,
-      reg_start_fraction=0.0, reg_placement='optimizer'))
+      reg_start_fraction=0.0, reg_placement='optimizer', layer_decay=1.0))
 
   config.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.1, ce_weight=0.0, distill_weight=1.0,

@@ -41,7 +41,7 @@ def get_config():
   config.data = ml_collections.ConfigDict(dict(
       name='mnist', data_dir='', image_size=32, train_split='train', eval_split='test',
       num_workers=0, shuffle_seed=0, mean=(), std=(), on_corrupt='fail',
-      min_crop_scale=0.6))
+      min_crop_scale=0.6, digits=()))
 
   config.model = ml_collections.ConfigDict(dict(
       hidden_sizes=(32, 64, 128, 256), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
@@ -53,7 +53,7 @@ def get_config():
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=2e-3, lr_batch_scale=64, schedule='cosine', warmup_steps=50, min_lr=1e-5,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0,
-      reg_beta=0.0, reg_start_fraction=0.0, reg_placement='optimizer'))
+      reg_beta=0.0, reg_start_fraction=0.0, reg_placement='optimizer', layer_decay=1.0))
 
   config.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.1, ce_weight=1.0, distill_weight=0.0,
