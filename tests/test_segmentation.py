@@ -1,7 +1,4 @@
 """Backbone features, the digit-mask task, mIoU and a few segmentation training steps."""
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +6,8 @@ import pytest
 
 from bhvit_jax import data as data_lib
 from bhvit_jax import model as model_lib
-from bhvit_jax import plots
 from bhvit_jax import segmentation
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
             mlp_sizes=(16, 32, 64, 128), num_classes=3, patch_size=4, split_groups=True)
 
@@ -29,9 +24,9 @@ def test_feature_shapes(size, window):
 
 
 def test_features_are_the_classifier_activations():
-  model = model_lib.BHViT(**TINY, image_size=224, window_size=7)
-  images = jax.random.normal(jax.random.PRNGKey(1), (1, 224, 224, 3))
-  last_blocks = ('layerA_0', 'layerA_1', 'layerB_0', 'layerB_1')
+  model = model_lib.BHViT(**TINY, image_size=32, window_size=1)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  last_blocks = ('layerA_0', 'layerA_1', 'layerB_0', 'layerB_1')  # one block per stage
 
   @jax.jit
   def run(images):
@@ -66,27 +61,20 @@ def test_canvas_is_deterministic_and_labels_strokes():
   assert classes.max() > 0
 
 
-def _segmentation_config():
-  spec = importlib.util.spec_from_file_location(
-      'segmentation_config', REPO / 'configs' / 'segmentation_demo.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.model.update(TINY, image_size=32, window_size=1)
-  config.data.image_size = 32
-  config.segmentation.update(cells=1, head_features=8, binary_head=True, eval_canvases=8)
-  config.update(batch_size=8, total_steps=6, log_every_steps=1, eval_every_steps=0,
-                checkpoint_every_steps=3)
-  return config
-
-
-def test_training_lowers_the_loss_and_resumes(tmp_path):
-  config = _segmentation_config()
-  _, summary = segmentation.train_and_evaluate(config, str(tmp_path))
-  history = [r for r in plots.read_history(str(tmp_path))
-             if r['kind'] == 'train']
-  assert [r['step'] for r in history] == list(range(1, 7))
-  assert history[-1]['loss'] < history[0]['loss'] - 0.3
-  assert summary['step'] == 6 and 0 <= summary['miou'] <= 100
-  _, again = segmentation.train_and_evaluate(config, str(tmp_path))  # finished: nothing to do
-  assert again == summary
+@pytest.mark.parametrize('binary', [True, False])
+def test_fpn_head(binary):
+  model = segmentation.SegmentationModel(
+      model_lib.BHViT(**TINY, image_size=32, window_size=1),
+      segmentation.FPNHead(segmentation.NUM_CLASSES, features=8, binary=binary))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3))))
+  assert jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3))), shapes).shape == (
+      2, 32, 32, segmentation.NUM_CLASSES)
+  head = segmentation.FPNHead(segmentation.NUM_CLASSES, features=8, binary=binary)
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  maps = [jax.random.normal(k, (2, 8 >> i, 8 >> i, 8 << i)) for i, k in enumerate(keys)]
+  logits, scaled = jax.jit(lambda v: (head.apply(v, maps, False),
+                                      head.apply(v, [3 * m for m in maps], False)))(
+                                          head.init(jax.random.PRNGKey(0), maps, False))
+  assert logits.shape == (2, 8, 8, segmentation.NUM_CLASSES)
+  # A binary head reads only the signs of the features.
+  assert np.array_equal(logits, scaled) == binary
