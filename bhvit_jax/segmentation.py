@@ -190,15 +190,18 @@ def make_train_step(model, tx, lr_fn):
   return train_step
 
 
-def evaluate(model, state, config) -> dict:
-  """mIoU and pixel accuracy (%) over the `segmentation.eval_canvases` held-out canvases."""
-  @jax.jit
-  def counts_of(variables, images, mask):
+def make_eval_step(model):
+  """`eval_step(variables, images, mask) -> [K, K]` confusion counts of one batch."""
+  def eval_step(variables, images, mask):
     return confusion(jnp.argmax(model.apply(variables, images, train=False), -1), mask)
+  return eval_step
 
+
+def evaluate(eval_step, state, config) -> dict:
+  """mIoU and pixel accuracy (%) over the `segmentation.eval_canvases` held-out canvases."""
   variables = {k: v for k, v in state.variables().items() if v}
   size = config.get('eval_batch_size') or config.batch_size
-  total = sum(np.asarray(counts_of(variables, b['image'], b['mask'])) for b in (
+  total = sum(np.asarray(eval_step(variables, b['image'], b['mask'])) for b in (
       batch(config, config.data.eval_split, i, size)
       for i in range(-(-config.segmentation.eval_canvases // size))))
   return {'miou': mean_iou(total), 'pixel_acc': 100.0 * np.trace(total) / total.sum()}
@@ -227,6 +230,7 @@ def train_and_evaluate(config, workdir: str):
     state = train_lib._calibrate(model, state, first['image'])  # pylint: disable=protected-access
   writer = train_lib.MetricsWriter(workdir, history)
   train_step = jax.jit(make_train_step(model, tx, lr_fn), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model))
 
   def save(state):
     checkpoints.save(int(state.step), {'train': state}, {'history': writer.history}, force=True)
@@ -245,11 +249,11 @@ def train_and_evaluate(config, workdir: str):
         bar.set_postfix(loss=f"{record['loss']:.3f}", pixel_acc=f"{record['pixel_acc']:.1f}")
         interval = []
       if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-        writer.write({'kind': 'eval', 'step': done, **evaluate(model, state, config)})
+        writer.write({'kind': 'eval', 'step': done, **evaluate(eval_step, state, config)})
       if done % config.checkpoint_every_steps == 0 and done < total_steps:
         save(state)
       bar.update(1)
-  result = evaluate(model, state, config)
+  result = evaluate(eval_step, state, config)
   if checkpoints.latest_step() != int(state.step):
     writer.write({'kind': 'eval', 'step': int(state.step), **result})
     save(state)

@@ -587,6 +587,9 @@ def main(argv):
   try:
     config_lib.validate(_CONFIG.value)
     if _CONFIG.value.get('task') == 'segmentation':
+      # Run as `python -m bhvit_jax.train` this module is __main__: segmentation's import of
+      # bhvit_jax.train must find it rather than define the flags a second time.
+      sys.modules.setdefault('bhvit_jax.train', sys.modules[__name__])
       from bhvit_jax import segmentation  # pylint: disable=g-import-not-at-top
       _, summary = segmentation.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
       print(f"held-out mIoU: {summary['miou']:.2f}%")

@@ -28,9 +28,14 @@ def test_features_are_the_classifier_activations():
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
   last_blocks = ('layerA_0', 'layerA_1', 'layerB_0', 'layerB_1')  # one block per stage
 
+  # Random parameters, unit running variances (no initialization to compile).
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, s: (np.ones if path[-1].key == 'var' else rng.standard_normal)(s.shape).astype(
+          s.dtype), jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images)))
+
   @jax.jit
   def run(images):
-    variables = model.init(jax.random.PRNGKey(0), images)
     maps = model.apply(variables, images, method='features')
     _, state = model.apply(variables, images, capture_intermediates=(
         lambda m, name: name == '__call__' and m.name in last_blocks), mutable=['intermediates'])
