@@ -27,6 +27,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from bhvit_jax import config_lib
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST_MEAN = (0.1307,) * 3
@@ -151,7 +153,7 @@ class MnistSource(_LazySource):
       raise ValueError(f"mnist has splits 'train' and 'test', not {self.split!r}")
     self.digits = tuple(self.digits)
     if not set(self.digits) <= set(range(10)) or len(set(self.digits)) != len(self.digits):
-      raise ValueError(f'data.digits={self.digits} must be distinct digits 0-9')
+      raise config_lib.UserError(f'data.digits={self.digits} must be distinct digits 0-9')
 
   def _open(self):
     images, labels = _mnist_arrays(self.image_size)[self.split]

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from bhvit_jax import checkpoint as ckpt_lib
+from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
 from bhvit_jax import layers
 from bhvit_jax import model as model_lib
@@ -55,7 +56,7 @@ def canvas(digits, rng: np.random.Generator, image_size: int, cells: int):
 
 def check_geometry(image_size: int, cells: int):
   if cells < 1 or image_size // cells < DIGIT_SIZE:
-    raise ValueError(f'segmentation.cells={cells}: each of the {cells}x{cells} cells of a '
+    raise config_lib.UserError(f'segmentation.cells={cells}: each of the {cells}x{cells} cells of a '
                      f'{image_size}² canvas must hold a {DIGIT_SIZE}² digit')
 
 
@@ -213,6 +214,7 @@ def train_and_evaluate(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   model = build_model(config)
   total_steps = int(config.total_steps)
+  # Canvases are generated, not drawn from a finite set: one 'epoch' is the whole run.
   tx, lr_fn, _ = optim.build_optimizer(config.optim, global_batch_size=config.batch_size,
                                        total_steps=total_steps, steps_per_epoch=total_steps)
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
