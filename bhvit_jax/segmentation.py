@@ -211,8 +211,8 @@ def evaluate(eval_step, state, config) -> dict:
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the segmentation model; returns (state, {'step', 'miou'})."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
   model = build_model(config)
+  os.makedirs(workdir, exist_ok=True)
   total_steps = int(config.total_steps)
   # Canvases are generated, not drawn from a finite set: one 'epoch' is the whole run.
   tx, lr_fn, _ = optim.build_optimizer(config.optim, global_batch_size=config.batch_size,
