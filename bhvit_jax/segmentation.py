@@ -211,6 +211,9 @@ def evaluate(eval_step, state, config) -> dict:
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the segmentation model; returns (state, {'step', 'miou'})."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  if config.get('init_from'):
+    raise config_lib.UserError(f'config.init_from={config.init_from!r}: the segmentation task '
+                               'starts from scratch (loading a backbone is not supported yet)')
   model = build_model(config)
   os.makedirs(workdir, exist_ok=True)
   total_steps = int(config.total_steps)
