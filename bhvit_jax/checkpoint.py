@@ -213,8 +213,9 @@ def is_packed_file(spec: str) -> bool:
   return os.path.isfile(spec) and not str(spec).endswith(FLOAT_FILES)
 
 
-def _read_variables(path: str, step: Optional[int], model) -> dict:
+def _read_variables(path: str, step: Optional[int], model, adapt: bool) -> dict:
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
+  from bhvit_jax import finetune  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise config_lib.UserError(f'checkpoint not found ({path})')
   if os.path.isdir(path):
@@ -222,22 +223,24 @@ def _read_variables(path: str, step: Optional[int], model) -> dict:
   if path.endswith('.msgpack'):
     return convert.load_flax_variables(path)
   if path.endswith(('.pth', '.pt', '.npz')):
-    return convert.torch_to_flax(convert.load_torch_file(path), model)
+    state = convert.load_torch_file(path)
+    return convert.torch_to_flax(state, finetune.source_model(state, model) if adapt else model)
   raise config_lib.UserError(f'{path}: a bit-packed file holds no latent weights; expected a '
                              f'run directory, WORKDIR:<step> or a {"/".join(FLOAT_FILES)} file')
 
 
-def load_any(spec: str, model, reference: Optional[dict] = None) -> dict:
+def load_any(spec: str, model, reference: Optional[dict] = None, adapt: bool = False) -> dict:
   """Float variables of `model` from any checkpoint the project reads.
 
   `spec`: a training run or checkpoints directory (newest step), `WORKDIR:<step>`, a Flax
   `.msgpack`, or a PyTorch `.pth`/`.pt`/`.npz` state dict of the official BHViT. `reference`
   (variables or `jax.eval_shape` structs; default: the model's) fixes the collections and
-  shapes; collections the checkpoint lacks keep the reference's. Raises ShapeMismatchError with
-  the one mismatch listing.
+  shapes; collections the checkpoint lacks keep the reference's. `adapt` (fine-tuning, as
+  `init_from` does) first fits another class count or resolution (`finetune.adapt_variables`).
+  Raises ShapeMismatchError with the one mismatch listing.
   """
   path, step = split_spec(spec)
-  read = _read_variables(path, step, model)  # before tracing the model: bad files fail fast
+  read = _read_variables(path, step, model, adapt)  # before tracing: bad files fail fast
   if reference is None:
     from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
     reference = jax.eval_shape(lambda rng: model_lib.init_variables(model, rng),
@@ -245,6 +248,9 @@ def load_any(spec: str, model, reference: Optional[dict] = None) -> dict:
   loaded = {k: v for k, v in read.items() if k in reference and v}
   if 'params' not in loaded:
     raise config_lib.UserError(f'checkpoint {spec} contains no params')
+  if adapt:
+    from bhvit_jax import finetune  # pylint: disable=g-import-not-at-top
+    loaded = finetune.adapt_variables(loaded, reference)
   check_shapes(loaded, {k: reference[k] for k in loaded}, f'checkpoint {spec}')
   merged = dict(reference)
   merged.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in loaded.items()})

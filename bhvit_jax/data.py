@@ -161,16 +161,30 @@ def _mnist_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @dataclasses.dataclass
 class MnistSource(_LazySource):
-  """Embedded MNIST (4,500 train / 500 test), resized once to `image_size`."""
+  """Embedded MNIST (4,500 train / 500 test), resized once to `image_size`.
+
+  `digits` keeps only those digits, relabelled 0..k-1 in the order given (a second task for
+  fine-tuning, e.g. (5, 6, 7, 8, 9)); empty keeps all ten.
+  """
   split: str
   image_size: int
+  digits: tuple = ()
 
   def __post_init__(self):
     if self.split not in ('train', 'test'):
       raise config_lib.UserError(f"mnist has splits 'train' and 'test', not {self.split!r}")
+    self.digits = tuple(self.digits)
+    if not set(self.digits) <= set(range(10)) or len(set(self.digits)) != len(self.digits):
+      raise config_lib.UserError(f'data.digits={self.digits} must be distinct digits 0-9')
 
   def _open(self):
-    return _mnist_arrays(self.image_size)[self.split]
+    images, labels = _mnist_arrays(self.image_size)[self.split]
+    if not self.digits:
+      return images, labels
+    keep = np.isin(labels, self.digits)
+    relabel = np.zeros(10, np.int32)
+    relabel[list(self.digits)] = np.arange(len(self.digits))
+    return images[keep], relabel[labels[keep]]
 
   def __len__(self):
     return len(self.reader()[1])
@@ -366,7 +380,7 @@ def make_source(config, split: str):
   data = config.data
   kind, tfds_name = _parse_name(data.name)
   if kind == 'mnist':
-    return MnistSource(split, data.image_size)
+    return MnistSource(split, data.image_size, tuple(data.get('digits') or ()))
   data_dir = data.get('data_dir') or ''
   if kind == 'tfds':
     return TfdsSource(tfds_name, split, data_dir)
@@ -382,7 +396,7 @@ def make_source(config, split: str):
 def num_classes(config) -> int:
   kind, _ = _parse_name(config.data.name)
   if kind == 'mnist':
-    return 10
+    return len(config.data.get('digits') or range(10))
   source = make_source(config, config.data.train_split)
   return source.num_classes() if kind == 'tfds' else len(source.classes())
 

@@ -34,6 +34,11 @@ def _train(f, argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save INFO lines drown the bar
   config_lib.validate(f.config)
   check_workdir(f.workdir)
+  if f.config.get('task') == 'segmentation':
+    from bhvit_jax import segmentation  # pylint: disable=g-import-not-at-top
+    _, summary = segmentation.train_and_evaluate(f.config, f.workdir)
+    print(f"held-out mIoU: {summary['miou']:.2f}%")
+    return 0
   try:
     _, summary = train.train_and_evaluate(f.config, f.workdir)
   except train.NonFiniteError as e:

@@ -516,8 +516,14 @@ class BHViT(nn.Module):
                      resolve_split_groups(self.split_groups), self.dtype)
 
   @nn.compact
-  def __call__(self, images, train: bool = False, calibrate: bool = False):
-    """`[B, H, W, 3]` images -> `[B, num_classes]` logits."""
+  def __call__(self, images, train: bool = False, calibrate: bool = False,
+               features: bool = False):
+    """`[B, H, W, 3]` images -> `[B, num_classes]` logits, or with `features` the stage maps.
+
+    With `features=True` the head (final norm, pooling, classifier) is neither applied nor
+    created: the result is `[B, H/4, W/4, C1], ..., [B, H/32, W/32, C4]` for patch size 4,
+    each stage's last block output before its downsampling.
+    """
     validate(self)
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f'expected images [B, {self.image_size}, {self.image_size}, 3] (NHWC), '
@@ -530,6 +536,7 @@ class BHViT(nn.Module):
     n_conv = self.depths[0] + self.depths[1]
     i = 0
     recomputed = remat_lib.remat(Block, static_argnums=(2,))
+    stage_maps = []
     for stage, depth in enumerate(self.depths):
       block_cls = recomputed if stage + 1 in self.remat_stages else Block
       for _ in range(depth):
@@ -538,12 +545,19 @@ class BHViT(nn.Module):
         h = block_cls(spec, kind, self.num_heads[stage], self.mlp_sizes[stage],
                       float(rates[i]), calibrate, name=name)(h, train)
         i += 1
+      stage_maps.append(h)
       if stage < 3:
         h = Downsample(spec, self.hidden_sizes[stage + 1], self.some_fp,
                        name=f'patch_embed{stage + 1}')(h, train)
+    if features:
+      return stage_maps
     h = TokenNorm(self.norm, name='layernorm')(h, train)
     pooled = jnp.mean(h.reshape(h.shape[0], -1, h.shape[-1]), axis=1)
     return BinaryDense(self.num_classes, 32, 32, use_bias=True, name='classifier')(pooled)
+
+  def features(self, images, train: bool = False, calibrate: bool = False):
+    """The backbone: `apply(..., method='features')` -> the four stage maps (see `__call__`)."""
+    return self(images, train, calibrate, features=True)
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(BHViT) if f.name not in ('parent', 'name'))

@@ -1,4 +1,5 @@
-"""Optimizer of the BHViT recipe: one optax chain (clip → β·∂R/∂W → Adam → decay → lr)."""
+"""Optimizer of the BHViT recipe: one optax chain (clip → β·∂R/∂W → Adam → decay → lr →
+layer-wise lr decay, for fine-tuning)."""
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
@@ -56,6 +57,55 @@ def weight_decay_mask(params: PyTree) -> PyTree:
   def decays(path, leaf):
     return jnp.ndim(leaf) >= 2 and 'position_embeddings' not in model_lib.path_names(path)
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _block_order(name: str):
+  """Sort key of a block module name (`layerA_i` before `layerB_j`), None for other modules."""
+  kind, _, index = name.partition('_')
+  return (kind, int(index)) if kind in ('layerA', 'layerB') and index.isdigit() else None
+
+
+def layer_depths(params: PyTree) -> dict:
+  """{top-level module name: depth} of a BHViT params tree, counted from the input.
+
+  The stem (`embeddings`) is 0, the blocks 1..N in order, and a downsampling (`patch_embedK`)
+  shares the depth of the first block of the stage it feeds (the blocks of its width);
+  the final norm and the classifier are N + 1.
+  """
+  blocks = sorted((n for n in params if _block_order(n)), key=_block_order)
+  depths = {name: i + 1 for i, name in enumerate(blocks)}
+  first_of_width = {}
+  for name in blocks:
+    first_of_width.setdefault(jnp.shape(params[name]['layernorm_before']['scale'])[0],
+                              depths[name])
+  for name, tree in params.items():
+    if name == 'embeddings':
+      depths[name] = 0
+    elif name.startswith('patch_embed'):
+      depths[name] = first_of_width[tree['position_embeddings'].shape[-1]]
+    else:
+      depths.setdefault(name, len(blocks) + 1)
+  return depths
+
+
+def layer_decay_factors(params: PyTree, decay: float) -> PyTree:
+  """Per-leaf lr factor decay^(N + 1 − depth) (`layer_depths`): 1 for the head, decay^(N+1)
+  for the stem, as BEiT/timm's layer-wise lr decay."""
+  depths = layer_depths(params)
+  top = max(depths.values())
+  return {name: jax.tree_util.tree_map(lambda _, d=depths[name]: decay ** (top - d), tree)
+          for name, tree in params.items()}
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its module's `layer_decay_factors` (stateless)."""
+  def update_fn(updates, state, params=None):
+    del params
+    factors = layer_decay_factors(updates, decay)
+    return jax.tree_util.tree_map(lambda u, f: u * jnp.asarray(f, u.dtype), updates,
+                                  factors), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 def scaled_base_lr(optim_config, global_batch_size: int) -> float:
@@ -131,4 +181,7 @@ def build_optimizer(optim_config, *, global_batch_size: int, total_steps: int,
   if optim_config.weight_decay:
     parts.append(optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask))
   parts.append(optax.scale_by_learning_rate(lr))
+  layer_decay = optim_config.get('layer_decay', 1.0)
+  if layer_decay != 1.0:
+    parts.append(scale_by_layer_decay(layer_decay))
   return optax.chain(*parts), lr, beta

@@ -345,7 +345,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   init_rng, step_rng = jax.random.split(rng)
   variables = model_lib.init_variables(model, init_rng)
   if config.get('init_from'):
-    variables = ckpt_lib.load_any(config.init_from, model, variables)
+    variables = ckpt_lib.load_any(config.init_from, model, variables, adapt=True)
   state = create_train_state(variables, tx)
   state_shardings = sharding_lib.tree_shardings(mesh, state)
   teacher_shardings = sharding_lib.tree_shardings(mesh, teacher_variables)

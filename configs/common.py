@@ -13,6 +13,7 @@ from bhvit_jax import model as model_lib
 def get_config(variant: str = 'tiny'):
   """The published ImageNet recipe (docs/reference.md, "Recipe") for a BHViT size."""
   config = ml_collections.ConfigDict()
+  config.task = 'classification'  # or 'segmentation' (configs/segmentation_demo.py)
   config.seed = 0
   config.batch_size = 256
   config.eval_batch_size = 0  # 0: batch_size
@@ -34,7 +35,8 @@ def get_config(variant: str = 'tiny'):
       # 224) + centre crop; bilinear RandomResizedCrop. fast_decode lets JPEGs decode at a
       # reduced scale (faster, other pixels).
       eval_interpolation='bicubic', train_interpolation='bilinear', eval_crop_ratio=224 / 256,
-      fast_decode=False))
+      fast_decode=False,
+      digits=()))  # the embedded MNIST only: keep these digits, relabelled 0.. in this order
 
   config.model = ml_collections.ConfigDict(dict(
       **model_lib.variant(variant), num_classes=1000, image_size=224, patch_size=4,
@@ -45,7 +47,8 @@ def get_config(variant: str = 'tiny'):
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=5e-4, lr_batch_scale=512, schedule='cosine_epoch', warmup_steps=0, min_lr=1e-8,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0, reg_beta=0.0,
-      reg_start_fraction=0.0, reg_placement='optimizer'))
+      reg_start_fraction=0.0, reg_placement='optimizer',
+      layer_decay=1.0))  # fine-tuning: update scale decay**(depth from the head); 1.0 = off
 
   config.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.1, ce_weight=0.0, distill_weight=1.0,

@@ -317,3 +317,14 @@ def test_tfds_source_reads_prepared_records(tmp_path):
       (60 * labels / 255.0)[:, None, None, None], images.shape), atol=1e-6)
   train = next(data.build_train_iter(config, process_index=0, process_count=1))
   assert train['image'].shape == (4, 8, 8, 3)
+
+
+def test_mnist_digit_subset_is_relabelled_in_the_given_order():
+  full = data.MnistSource('test', 8)
+  images, labels = full.reader()
+  keep = (labels == 9) | (labels == 5)
+  sub = data.MnistSource('test', 8, (9, 5))
+  np.testing.assert_array_equal(sub.reader()[0], images[keep])
+  np.testing.assert_array_equal(sub.reader()[1], np.where(labels[keep] == 9, 0, 1))
+  with pytest.raises(ValueError, match=r'data.digits=\(5, 5\)'):
+    data.MnistSource('test', 8, (5, 5))

@@ -220,7 +220,7 @@ def _assert_source_matches(source, expected):
 def test_conversion_defines_every_awkward_input(awkward_tree, tmp_path, capsys):
   src, expected = awkward_tree
   out = tmp_path / 'out'
-  prepare_imagefolder.main([str(src), str(out), '--on-corrupt', 'skip', '--workers', '1'])
+  prepare_imagefolder.main(['prepare_imagefolder', str(src), str(out), '--on-corrupt', 'skip', '--workers', '1'])
   captured = capsys.readouterr()
   assert '14_truncated.jpg' in captured.err and '15_empty.jpg' in captured.err
   assert 'train: 14 images written, 2 unreadable skipped, 1 non-image files ignored' in (
@@ -237,10 +237,10 @@ def test_conversion_defines_every_awkward_input(awkward_tree, tmp_path, capsys):
 
 def test_conversion_stops_naming_an_unreadable_file(awkward_tree, tmp_path, capsys):
   out = tmp_path / 'out'
-  with pytest.raises(SystemExit) as exit_info:
-    prepare_imagefolder.main([str(awkward_tree[0]), str(out), '--workers', '1'])
+  code = prepare_imagefolder.main(['prepare_imagefolder', str(awkward_tree[0]), str(out),
+                                   '--workers', '1'])
   err = capsys.readouterr().err.strip()
-  assert exit_info.value.code == 2
+  assert code == 2
   assert err.startswith('error: unreadable image') and '14_truncated.jpg' in err
   assert len(err.splitlines()) == 1
   assert not out.exists() and os.listdir(tmp_path) == []

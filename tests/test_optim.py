@@ -119,3 +119,30 @@ def test_cosine_with_warmup_and_constant():
 def test_beta_schedule_starts_at_fraction():
   beta = optim.beta_schedule(_optim_config(reg_beta=0.1, reg_start_fraction=0.9), total_steps=100)
   np.testing.assert_allclose([beta(0), beta(89), beta(90), beta(99)], [0, 0, 0.1, 0.1])
+
+
+def test_layer_decay_scales_each_update_by_its_depth_factor():
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  model = model_lib.BHViT(hidden_sizes=(8, 16, 32, 64), depths=(2, 1, 2, 1),
+                          num_heads=(1, 1, 2, 4), mlp_sizes=(16, 32, 64, 128), num_classes=3,
+                          image_size=32, window_size=1)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), shapes['params'])
+  grads = jax.tree_util.tree_map(lambda p: rng.standard_normal(p.shape, np.float32), params)
+  # Six blocks: depth 0 stem, 1-6 blocks, 7 head; a downsampling with its stage's first block.
+  depth = {'embeddings': 0, 'layerA_0': 1, 'layerA_1': 2, 'patch_embed1': 3, 'layerA_2': 3,
+           'patch_embed2': 4, 'layerB_0': 4, 'layerB_1': 5, 'patch_embed3': 6, 'layerB_2': 6,
+           'layernorm': 7, 'classifier': 7}
+  assert set(depth) == set(params)
+
+  def updates(layer_decay):
+    config = _optim_config(weight_decay=0.05, reg_beta=0.0, layer_decay=layer_decay)
+    tx, _, _ = optim.build_optimizer(config, global_batch_size=512, total_steps=10)
+    return tx.update(grads, tx.init(params), params)[0]
+  plain, decayed = jax.jit(lambda: (updates(1.0), updates(0.5)))()
+  for name, d in depth.items():
+    for a, b in zip(jax.tree_util.tree_leaves(decayed[name]),
+                    jax.tree_util.tree_leaves(plain[name])):
+      assert float(jnp.abs(b).max()) > 0
+      np.testing.assert_allclose(a, b * 0.5 ** (7 - d), rtol=1e-6, err_msg=name)
