@@ -10,6 +10,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import config_lib
 from bhvit_jax import hostmem
 from bhvit_jax import train
@@ -30,7 +31,7 @@ def main(argv):
   try:
     config_lib.validate(_CONFIG.value)
     _, summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.NonFiniteError as e:
+  except (train.NonFiniteError, ckpt_lib.CheckpointReadError) as e:
     config_lib.fail(str(e), code=1)
   except USER_ERRORS as e:
     logging.debug('traceback of the error below', exc_info=True)

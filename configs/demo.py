@@ -37,6 +37,8 @@ def get_config():
   config.init_from = ''
   config.compute_dtype = 'float32'
   config.max_nonfinite_in_row = 5
+  # Resuming with other trajectory keys (bhvit_jax.run_identity) is refused unless True.
+  config.allow_config_change = False
 
   config.data = ml_collections.ConfigDict(dict(
       name='mnist', data_dir='', image_size=32, train_split='train', eval_split='test',
