@@ -8,9 +8,12 @@ import functools
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +102,38 @@ def equivalence_worker(out_dir: str):
                  'batch_devices': batch_devices}, f)
 
 
+def topology_worker(out_dir: str):
+  """The entry point's loop on 8 devices (data=8) for 6 steps, and the same run stopped at step
+  2, resumed on 4 devices (data=2 × fsdp=2) to step 4, then on 1 device to the end; float64
+  so that no binary sign decision hinges on the rounding of another reduction order."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_enable_x64', True)
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import plots  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import train  # pylint: disable=g-import-not-at-top
+
+  init = model_lib.init_variables
+  model_lib.init_variables = lambda *args: jax.tree_util.tree_map(
+      lambda x: x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x,
+      init(*args))
+  plots.plot_runs = lambda *args: None
+  config = _small_config()
+  config.update(compute_dtype='float64', total_steps=6, checkpoint_every_steps=2,
+                keep_checkpoints=10, eval_every_steps=0, log_every_steps=1)
+  mesh = lambda data, fsdp: sharding_lib.make_mesh({'data': data, 'fsdp': fsdp},
+                                                   jax.devices()[:data * fsdp])
+  out = pathlib.Path(out_dir)
+  straight, _ = train.train_and_evaluate(config, str(out / 'straight'), mesh=mesh(8, 1))
+  moved = str(out / 'moved')
+  train.train_and_evaluate(config, moved, mesh=mesh(8, 1), should_stop=lambda s: s == 2)
+  train.train_and_evaluate(config, moved, mesh=mesh(2, 2), should_stop=lambda s: s == 4)
+  resumed, _ = train.train_and_evaluate(config, moved, mesh=mesh(1, 1))
+  for name, state in (('straight', straight), ('moved', resumed)):
+    np.savez(out / f'{name}.npz', **_flat(jax.device_get(state.params), 'params'),
+             **_flat(jax.device_get(state.batch_stats), 'batch_stats'))
+
+
 @pytest.fixture(scope='session')
 def equivalence(tmp_path_factory):
   out = tmp_path_factory.mktemp('equivalence')
@@ -130,6 +165,22 @@ def test_sharded_steps_equal_one_device(equivalence, mesh):
     assert not info['split_params']
 
 
+def test_resume_on_other_topologies_continues_the_run(tmp_path):
+  """8 devices → 4 (data=2 × fsdp=2) → 1 ends where the 8-device run ends (float64)."""
+  subprocess.run([sys.executable, __file__, 'topology', str(tmp_path)], env=_env(8),
+                 check=True, timeout=900, cwd=REPO)
+  straight, moved = (np.load(tmp_path / f'{n}.npz') for n in ('straight', 'moved'))
+  keys = lambda run: {r['step']: r['loss'] for r in _train_records(tmp_path / run)
+                      if r['kind'] == 'train'}
+  assert sorted(keys('moved')) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([keys('moved')[s] for s in range(1, 7)],
+                             [keys('straight')[s] for s in range(1, 7)], rtol=1e-9)
+  assert sorted(straight.files) == sorted(moved.files)
+  for key in straight.files:
+    # As in test_sharded_steps_equal_one_device: only the reduction order differs.
+    np.testing.assert_allclose(moved[key], straight[key], rtol=1e-5, atol=1e-9, err_msg=key)
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -138,8 +189,9 @@ def _free_port() -> int:
 
 def _train_command(workdir, *extra):
   return [sys.executable, '-m', 'bhvit_jax.train', '--config', str(REPO / 'configs' / 'demo.py'),
-          '--workdir', str(workdir), '--config.total_steps=4', '--config.batch_size=16',
+          '--workdir', str(workdir), '--config.total_steps=6', '--config.batch_size=16',
           '--config.optim.warmup_steps=1', '--config.checkpoint_every_steps=2',
+          '--config.keep_checkpoints=10',
           '--config.eval_every_steps=0', '--config.log_every_steps=1', *SMALL_FLAGS, *extra]
 
 
@@ -159,26 +211,45 @@ def eight_device_run(tmp_path_factory):
 
 def test_entry_point_runs_on_eight_devices(eight_device_run):
   records = _train_records(eight_device_run)
-  assert [r['step'] for r in records if r['kind'] == 'train'] == [1, 2, 3, 4]
+  assert [r['step'] for r in records if r['kind'] == 'train'] == [1, 2, 3, 4, 5, 6]
   final = [r for r in records if r['kind'] == 'eval']
   assert len(final) == 1 and final[0]['examples'] == 500  # every held-out digit counted once
   assert (eight_device_run / 'training.png').is_file()
-  assert sorted(os.listdir(eight_device_run / 'checkpoints')) == ['2', '4']
+  assert sorted(os.listdir(eight_device_run / 'checkpoints')) == ['2', '4', '6']
 
 
-def test_two_processes_match_one_process(eight_device_run, tmp_path):
+def _start_two_processes(workdir):
+  """The entry point as processes 0 and 1 of a 2-process job, 4 CPU devices each.
+
+  No persistent compilation cache: a process that finds its step there enters the first
+  collective while the other still compiles, and gloo gives up after 30 s.
+  """
   port = _free_port()
-  workdir = tmp_path / 'two_processes'
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       _train_command(workdir, f'--config.distributed.coordinator_address=127.0.0.1:{port}',
                      '--config.distributed.num_processes=2',
                      f'--config.distributed.process_id={i}'),
-      env=_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+      env=_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+
+
+def _finish(procs) -> list:
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+@pytest.fixture(scope='session')
+def two_process_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('two_processes')
+  outputs = _finish(_start_two_processes(workdir))
   assert 'held-out top-1' in outputs[0]
+  return workdir
+
+
+def test_two_processes_match_one_process(eight_device_run, two_process_run):
+  workdir = two_process_run
   # gloo's all-reduce sums in another order than the in-process one, so float32 results
   # differ in the last bits; after a few steps a binary sign decision can flip on it and the
   # runs drift apart (steps 1-3 agree to 1e-6, step 4 by 0.3% in our runs). Steps 1-3 and
@@ -190,7 +261,7 @@ def test_two_processes_match_one_process(eight_device_run, tmp_path):
   for key in ('loss', 'grad_norm', 'train_top1'):
     np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in theirs], rtol=1e-5,
                                err_msg=key)
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6']
   got, want = (_checkpoint_params(w / 'checkpoints', 2) for w in (workdir, eight_device_run))
   assert sorted(got) == sorted(want)
   # Tensors whose gradient is a near-cancelling sum (e.g. a bias followed by BatchNorm) get
@@ -203,6 +274,45 @@ def test_two_processes_match_one_process(eight_device_run, tmp_path):
     else:
       assert np.max(np.abs(got[key] - value)) <= lr_bound, key
   assert tight >= 0.8 * len(want), (tight, len(want))
+
+
+def _last_train_step(workdir) -> int:
+  try:
+    return max((r['step'] for r in _train_records(workdir) if r['kind'] == 'train'), default=0)
+  except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+    return 0
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(two_process_run, tmp_path):
+  """Only process 1 is signalled; both save one checkpoint of the same step and exit 0, and
+  the rerun ends bitwise where the uninterrupted 2-process run ends."""
+  workdir = tmp_path / 'preempted'
+  procs = _start_two_processes(workdir)
+  deadline = time.time() + 600
+  while _last_train_step(workdir) < 1:  # both processes are inside the loop
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, 'run ended early'
+    time.sleep(0.005)
+  for p in procs:
+    p.send_signal(signal.SIGSTOP)
+  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:
+    p.send_signal(signal.SIGCONT)
+  outputs = _finish(procs)
+  stopped = [re.search(r'stopped at step (\d+); checkpoint saved', out) for out in outputs]
+  assert all(stopped), outputs[0][-2000:]
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step and 1 <= step < 6, step
+  saved = sorted(int(s) for s in os.listdir(workdir / 'checkpoints'))
+  assert saved[-1] == step and saved == sorted({2, 4} & set(range(step)) | {step}), saved
+  _finish(_start_two_processes(workdir))
+  keys = ('loss', 'grad_norm', 'lr', 'train_top1')
+  by_step = lambda w: {r['step']: tuple(r[k] for k in keys)
+                       for r in _train_records(w) if r['kind'] == 'train'}
+  assert by_step(workdir) == by_step(two_process_run)
+  got, want = (_checkpoint_params(w / 'checkpoints', 6) for w in (workdir, two_process_run))
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 def _checkpoint_params(directory, step):
@@ -252,7 +362,8 @@ def test_each_process_reads_its_block_of_the_global_batch():
 
 
 if __name__ == '__main__':
-  if sys.argv[1:2] == ['equivalence']:
-    equivalence_worker(sys.argv[2])
+  workers = {'equivalence': equivalence_worker, 'topology': topology_worker}
+  if sys.argv[1:2] and sys.argv[1] in workers:
+    workers[sys.argv[1]](sys.argv[2])
   else:
-    sys.exit(f'usage: {sys.argv[0]} equivalence OUT_DIR')
+    sys.exit(f'usage: {sys.argv[0]} {"|".join(workers)} OUT_DIR')
