@@ -177,11 +177,14 @@ class Checkpointer:
   def _set_aside_or_raise(self, step: int, error: Exception, fallback: Optional[int]):
     path = os.path.join(self.directory, str(step))
     why = corruption(path, error)
-    if why is None:
+    # Collective: every process has stopped reading and agrees before anything is renamed.
+    if sharding_lib.any_process(why is None):
       first_line = (str(error).splitlines() or [''])[0][:300]
+      cause = (f'{type(error).__name__}: {first_line}' if why is None
+               else 'another process could not read it')
       raise CheckpointReadError(
-          f'cannot read checkpoint {path} ({type(error).__name__}: {first_line}); nothing was '
-          'changed: fix the cause and rerun to resume from it') from error
+          f'cannot read checkpoint {path} ({cause}); nothing was changed: fix the cause and '
+          'rerun to resume from it') from error
     aside = os.path.join(self.directory, f'corrupt_{step}')
     n = 1
     while os.path.exists(aside):

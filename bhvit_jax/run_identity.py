@@ -68,37 +68,48 @@ def _versions() -> dict:
   return versions
 
 
+def _config_record(config) -> dict:
+  return _strict(json.loads(config.to_json_best_effort()))
+
+
 def describe(config, mesh) -> dict:
   """The JSON record of this start of the run."""
-  return {'config': _strict(json.loads(config.to_json_best_effort())), 'versions': _versions(),
+  return {'config': _config_record(config), 'versions': _versions(),
           'mesh': {k: int(v) for k, v in mesh.shape.items()} if mesh is not None else None,
           'process_count': jax.process_count(), 'device_count': jax.device_count(),
           'platform': jax.devices()[0].platform}
 
 
-def check_and_record(config, workdir: str, mesh, resuming_from) -> None:
-  """Refuses (UserError) to resume with changed trajectory keys unless allowed; then writes
-  WORKDIR/config.json (process 0). `resuming_from`: the step of the newest checkpoint, or None
-  for a fresh run."""
+def check(config, workdir: str, resuming_from) -> list:
+  """Raises UserError when a resumed run changes trajectory keys and that is not allowed.
+
+  `resuming_from`: the step of the newest checkpoint, or None for a fresh run. Returns the
+  run's list of recorded changes, this one appended (for `record`).
+  """
   path = os.path.join(workdir, FILENAME)
-  record = describe(config, mesh)
-  changes = []
-  if resuming_from is not None and os.path.isfile(path):
-    with open(path) as f:
-      stored = json.load(f)
-    changes = stored.get('changes', [])
-    changed = changed_keys(stored['config'], record['config'])
-    if changed:
-      listing = ', '.join(f'{k} ({old!r} -> {new!r})' for k, (old, new) in changed.items())
-      if not config.get('allow_config_change'):
-        raise config_lib.UserError(
-            f'{workdir} holds a run with another configuration: {listing}; resuming would '
-            'change its trajectory. Use another --workdir, or pass '
-            '--config.allow_config_change=True to resume anyway')
-      logging.warning('resuming step %d with a changed configuration: %s', resuming_from,
-                      listing)
-      changes = changes + [{'step': resuming_from,
-                            'changed': {k: list(v) for k, v in changed.items()}}]
-  if sharding_lib.is_primary():
-    with open(path, 'w') as f:
-      json.dump({**record, 'changes': changes}, f, indent=1, allow_nan=False)
+  if resuming_from is None or not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    stored = json.load(f)
+  changed = changed_keys(stored['config'], _config_record(config))
+  if not changed:
+    return stored.get('changes', [])
+  listing = ', '.join(f'{k} ({old!r} -> {new!r})' for k, (old, new) in changed.items())
+  if not config.get('allow_config_change'):
+    raise config_lib.UserError(
+        f'{workdir} holds a run with another configuration: {listing}; resuming would change '
+        'its trajectory. Use another --workdir, or pass --config.allow_config_change=True to '
+        'resume anyway')
+  logging.warning('resuming step %d with a changed configuration: %s', resuming_from, listing)
+  return stored.get('changes', []) + [
+      {'step': resuming_from, 'changed': {k: list(v) for k, v in changed.items()}}]
+
+
+def record(config, workdir: str, mesh, changes: list) -> None:
+  """Writes WORKDIR/config.json (process 0; atomic, as other processes may be reading it)."""
+  if not sharding_lib.is_primary():
+    return
+  path = os.path.join(workdir, FILENAME)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({**describe(config, mesh), 'changes': changes}, f, indent=1, allow_nan=False)
+  os.replace(path + '.tmp', path)

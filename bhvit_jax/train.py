@@ -384,8 +384,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   os.makedirs(workdir, exist_ok=True)
   checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                       config.checkpoint_every_steps, config.keep_checkpoints)
-  run_identity.check_and_record(config, workdir, mesh,
-                                resuming_from=checkpoints.latest_step())
+  changes = run_identity.check(config, workdir, resuming_from=checkpoints.latest_step())
   steps_per_epoch = max(data_lib.num_train_examples(config) // config.batch_size, 1)
   total_steps = _total_steps(config, steps_per_epoch)
   recipe = build_train_step(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -405,6 +404,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       (state, teacher_variables, step_rng), (state_shardings, teacher_shardings, replicated))
 
   state, step_rng, history, train_iter = _resume(config, checkpoints, state, step_rng, block)
+  run_identity.record(config, workdir, mesh, changes)
   start_step = int(sharding_lib.fetch(state.step))
 
   train_step = sharding_lib.jit_train_step(recipe.train_step, mesh, state_shardings,
@@ -440,7 +440,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   interval, last_log = [], time.time()
   log_every = max(int(config.log_every_steps), 1)
   with _StopRequest() as stop, tqdm(total=total_steps, initial=start_step, disable=not primary,
-                                       dynamic_ncols=True, mininterval=2.0) as bar:
+                                    dynamic_ncols=True, mininterval=2.0) as bar:
     if _periodic_eval_missing(config, history, start_step, total_steps):
       evaluate_unless_stopped(stop)  # a stop had cut it short in the run that saved `state`
     for step in range(start_step, total_steps):

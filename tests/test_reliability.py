@@ -268,7 +268,9 @@ def test_invalid_model_and_data_values_are_all_listed(env, tmp_path):
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(env, runs, tmp_path):
   workdir = tmp_path / 'other'
   shutil.copytree(runs['snapshot'], workdir)
-  result = _run(env, workdir, '--config.model.mlp_sizes=(64,128,256,512)')
+  # Allowed as a config change, the other model still meets the shape check.
+  result = _run(env, workdir, '--config.model.mlp_sizes=(64,128,256,512)',
+                '--config.allow_config_change=True')
   _assert_clean_error(result, 2, r'does not match the current model', r'Nothing on disk')
   # Every MLP doubles: the normalization over the last block's hidden units grows 2x.
   match = re.search(r'batch_stats/layerB_1/intermediate/norm/var: checkpoint \((\d+),\) vs '

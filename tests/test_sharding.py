@@ -1,8 +1,9 @@
-"""Sharded training gives the numbers of one device: meshes, FSDP, BatchNorm, multi-process.
+"""Sharded training gives the numbers of one device: meshes, FSDP, BatchNorm, multi-process;
+a stop on one process stops all at one step; a run resumes on another topology.
 
 The multi-device checks run this file as a script in subprocesses with 8 simulated CPU
-devices (`python tests/test_sharding.py equivalence OUT`), since the device count is fixed
-when jax starts.
+devices (`python tests/test_sharding.py equivalence|topology OUT`), since the device count is
+fixed when jax starts.
 """
 import functools
 import json
