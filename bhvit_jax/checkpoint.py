@@ -4,9 +4,15 @@ A checkpoint holds two items: 'state' (every array of the train state as a neste
 `flax.serialization.to_state_dict`) and 'meta' (JSON: data iterator state, metrics history,
 anything else the loop needs). Orbax writes into a temporary directory and renames it when
 complete, and deletes checkpoints beyond `keep` only after the new one is committed.
+
+Restoring tells corruption from trouble: only a checkpoint that is demonstrably broken (an
+item directory missing, metadata that is not JSON, a tensor file truncated or undecodable) is
+set aside; any other failure (I/O, memory, ...) raises `CheckpointReadError` and changes
+nothing, so a transient error never costs a checkpoint.
 """
 import base64
 import contextlib
+import json
 import logging
 import os
 from typing import Any, Optional, Tuple
@@ -18,12 +24,48 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bhvit_jax import config_lib
+from bhvit_jax import sharding as sharding_lib
 
 PyTree = Any
 
 
 class ShapeMismatchError(config_lib.UserError):
   """The checkpoint was written by a model/optimizer of another shape."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint could not be read for a reason that may pass (I/O, memory); nothing on disk
+  was changed."""
+
+
+# TensorStore's status codes for bytes that cannot be what was written: a file cut short
+# (OUT_OF_RANGE: the byte range the index promises is missing) or garbled (DATA_LOSS).
+_BROKEN_STATUSES = ('DATA_LOSS', 'OUT_OF_RANGE')
+_ITEMS = ('state', 'meta')
+
+
+def _causes(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def corruption(path: str, error: BaseException) -> Optional[str]:
+  """Why checkpoint directory `path` is broken for good, or None when `error` may be
+  transient (or is not understood)."""
+  missing = [item for item in _ITEMS if not os.path.isdir(os.path.join(path, item))]
+  if missing:
+    return f'incomplete: item directories {missing} missing'
+  for cause in _causes(error):
+    if isinstance(cause, MemoryError):
+      return None
+    if isinstance(cause, json.JSONDecodeError):
+      return f'undecodable metadata ({cause})'
+    if isinstance(cause, ValueError) and str(cause).startswith(_BROKEN_STATUSES):
+      return f'truncated or undecodable data ({str(cause).splitlines()[0][:300]})'
+  return None
 
 
 def _encode_meta(value):
@@ -107,37 +149,53 @@ class Checkpointer:
   def restore(self, target: PyTree) -> Optional[Tuple[int, PyTree, dict]]:
     """Restores the newest readable checkpoint into the structure of `target`.
 
-    A checkpoint that fails to read is moved aside (renamed `corrupt_<step>`) with a warning
-    and the previous one is tried. A shape mismatch is not corruption: it raises.
+    A demonstrably broken checkpoint (`corruption`) is set aside by process 0 (renamed
+    `corrupt_<step>`, or `corrupt_<step>_<n>` when that exists) with a warning and the previous
+    one is tried. Any other read failure raises CheckpointReadError, leaving every file in
+    place; a shape mismatch raises ShapeMismatchError. Collective: every process calls it.
 
     Returns:
       (step, state, meta), or None when there is no readable checkpoint.
     """
     target_dict = flax.serialization.to_state_dict(target)
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
       try:
         stored = self._manager.item_metadata(step)['state']
         stored = stored.tree if hasattr(stored, 'tree') else stored
-      except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
-        continue
-      check_shapes(stored, target_dict, f'checkpoint {self.directory} step {step}')
-      try:
+        check_shapes(stored, target_dict, f'checkpoint {self.directory} step {step}')
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target_dict), meta=ocp.args.JsonRestore()))
+      except ShapeMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
+        self._set_aside_or_raise(step, e, steps[i + 1] if i + 1 < len(steps) else None)
         continue
       state = flax.serialization.from_state_dict(target, restored['state'])
       return step, state, _decode_meta(restored['meta'])
     return None
 
-  def _quarantine(self, step: int, error: Exception):
+  def _set_aside_or_raise(self, step: int, error: Exception, fallback: Optional[int]):
     path = os.path.join(self.directory, str(step))
+    why = corruption(path, error)
+    # Collective: every process has stopped reading and agrees before anything is renamed.
+    if sharding_lib.any_process(why is None):
+      first_line = (str(error).splitlines() or [''])[0][:300]
+      cause = (f'{type(error).__name__}: {first_line}' if why is None
+               else 'another process could not read it')
+      raise CheckpointReadError(
+          f'cannot read checkpoint {path} ({cause}); nothing was changed: fix the cause and '
+          'rerun to resume from it') from error
     aside = os.path.join(self.directory, f'corrupt_{step}')
-    logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, falling back to the '
-                    'previous one.', path, type(error).__name__, error, aside)
-    os.replace(path, aside)
+    n = 1
+    while os.path.exists(aside):
+      n += 1
+      aside = os.path.join(self.directory, f'corrupt_{step}_{n}')
+    logging.warning('Checkpoint step %d is unreadable (%s); set aside as %s, falling back to %s.',
+                    step, why, aside, 'none' if fallback is None else f'step {fallback}')
+    if jax.process_index() == 0:
+      os.replace(path, aside)
+    sharding_lib.barrier(f'checkpoint_set_aside_{step}')
     self._manager.reload()
 
   def wait(self):

@@ -10,6 +10,7 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 
+from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import cli
 from bhvit_jax import config_lib
 from bhvit_jax import hostmem
@@ -41,7 +42,7 @@ def _train(f, argv):
     return 0
   try:
     _, summary = train.train_and_evaluate(f.config, f.workdir)
-  except train.NonFiniteError as e:
+  except (train.NonFiniteError, ckpt_lib.CheckpointReadError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   if summary['top1'] is None:

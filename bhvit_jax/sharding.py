@@ -175,6 +175,34 @@ def initialize_distributed(config) -> bool:
   return True
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any: an all-reduce that every process must
+  call at the same point (free with one process)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def reached_preemption_point(step: int) -> bool:
+  """jax's preemption sync point (the platform's notice, agreed by all processes) at `step`;
+  False where the preemption service does not run (one process, or disabled)."""
+  if jax.process_count() == 1:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except RuntimeError:  # the service is disabled
+    return False
+
+
+def barrier(name: str):
+  """Waits until every process gets here (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def is_primary() -> bool:
   """Process 0 writes logs, metrics files and plots."""
   return jax.process_index() == 0

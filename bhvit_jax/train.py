@@ -33,6 +33,7 @@ from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import plots
 from bhvit_jax import quantizers
+from bhvit_jax import run_identity
 from bhvit_jax import sharding as sharding_lib
 from bhvit_jax import teachers
 
@@ -40,7 +41,7 @@ PyTree = Any
 
 
 class NonFiniteError(RuntimeError):
-  """Too many consecutive steps with NaN/Inf loss or gradients."""
+  """Too many consecutive steps with a NaN/Inf loss, gradient or update."""
 
 
 @flax.struct.dataclass
@@ -91,8 +92,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
   """Builds the pure `train_step(state, batch, rng[, teacher_variables]) -> (state, metrics)`.
 
   `batch` is {'image': [B, H, W, 3] float, 'label': [B] int}; `rng` is the run's base key,
-  folded with the step so dropout keys depend only on (seed, step). A step whose loss or
-  gradients are not finite leaves params, statistics and optimizer state unchanged.
+  folded with the step so dropout keys depend only on (seed, step). A step whose loss,
+  gradients, new params, statistics or optimizer state are not finite leaves all of them
+  unchanged. The schedules (lr, β) follow the applied updates, `step - nonfinite_total`: a
+  skipped step leaves the optimizer's counts where they were, so the loss's β and the logged
+  lr and β are the ones the optimizer applies.
   """
   def train_step(state: TrainState, batch, rng, teacher_variables=None):
     images, labels = batch['image'], batch['label']
@@ -102,6 +106,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
       teacher_logits = jax.lax.stop_gradient(
           teacher_model.apply(teacher_variables, images, train=False)).astype(jnp.float32)
     dropout_rng = jax.random.fold_in(rng, state.step)
+    applied = state.step - state.nonfinite_total  # == the optimizer's update count
 
     def loss_fn(params):
       variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -113,14 +118,16 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
           logits, targets, teacher_logits, label_smoothing=loss_config.label_smoothing,
           ce_weight=loss_config.ce_weight, distill_weight=loss_config.distill_weight)
       if reg_in_loss:
-        loss = loss + beta_fn(state.step) * losses.oscillation_regularizer(params)
+        loss = loss + beta_fn(applied) * losses.oscillation_regularizer(params)
       return loss, (logits, updates.get('batch_stats', {}), parts)
 
     (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    # A NaN lr or a bad optimizer state passes the loss and gradients: check what is kept.
+    finite = (jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+              & _all_finite(batch_stats) & _all_finite(opt_state))
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
     new_state = state.replace(
@@ -130,8 +137,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
     metrics = {
         'step': state.step, 'loss': loss, 'ce': parts['ce'], 'kd': parts['kd'],
-        'reg': losses.oscillation_regularizer(state.params), 'lr': lr_fn(state.step),
-        'beta': jnp.asarray(beta_fn(state.step), jnp.float32),
+        'reg': losses.oscillation_regularizer(state.params), 'lr': lr_fn(applied),
+        'beta': jnp.asarray(beta_fn(applied), jnp.float32),
         'train_top1': jnp.mean(jnp.argmax(logits, -1) == labels),
         'sign_flip_rate': sign_flip_rate(state.params, new_state.params,
                                          model_lib.binary_kernel_mask(state.params, model)),
@@ -246,35 +253,57 @@ def _total_steps(config, steps_per_epoch: int) -> int:
   raise config_lib.UserError('set config.total_steps or config.num_epochs')
 
 
-class _SigtermFlag:
-  """Set by SIGTERM so the loop can write a final checkpoint before exiting."""
+class _StopRequest:
+  """SIGTERM/SIGINT (or the platform's preemption notice) on any process, turned into one
+  decision that every process takes at the same step or evaluation batch.
+
+  `agreed()` is a collective where there are several processes (an all-reduce of the local
+  flag): every process calls it at the same points. A second SIGINT interrupts at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.is_set = False
-    self._previous = None
+    self.requested = False  # this process was asked to stop
+    self.stopped = False  # every process agreed to stop
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no signal handling
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
-    self.is_set = True
+    del frame
+    logging.warning('%s received: saving a checkpoint and exiting.',
+                    signal.Signals(signum).name)
+    self.requested = True
+    if signum == signal.SIGINT:
+      signal.signal(signum, self._previous[signum])
+
+  def agreed(self, step: Optional[int] = None) -> bool:
+    """True on every process once any process was asked to stop (sticky).
+
+    `step`: at a training step the platform's preemption sync point is consulted too.
+    """
+    local = self.requested or (step is not None and sharding_lib.reached_preemption_point(step))
+    self.stopped = self.stopped or sharding_lib.any_process(local)
+    return self.stopped
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
-def _stop_after(flag: _SigtermFlag, batches):
-  """`batches` until the flag is set (at least one, so an evaluation is never empty)."""
+def _stop_after(stop: _StopRequest, batches):
+  """`batches` until the processes agree to stop (at least one: an evaluation is never
+  empty)."""
   for batch in batches:
     yield batch
-    if flag.is_set:
+    if stop.agreed():
       return
 
 
@@ -304,13 +333,21 @@ def _calibrate(model, state: TrainState, images) -> TrainState:
   return state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
 
 
+def _periodic_eval_missing(config, history, step, total_steps) -> bool:
+  """True when the periodic evaluation of `step` (the resumed one) has no record."""
+  every = config.eval_every_steps
+  if not every or step % every or not 0 < step < total_steps:
+    return False
+  return not any(r.get('kind') == 'eval' and r.get('step') == step for r in history)
+
+
 def _nonfinite_error(step, in_row, limit, checkpoints) -> NonFiniteError:
   last = checkpoints.latest_step()
   where = os.path.join(checkpoints.directory, str(last)) if last is not None else 'none'
   return NonFiniteError(
-      f'stopping at step {step}: {in_row} consecutive steps with non-finite loss or gradients '
-      f'(max_nonfinite_in_row={limit}). Last good checkpoint: {where}. Lower the learning '
-      'rate or set optim.grad_clip_norm, then restart.')
+      f'stopping at step {step}: {in_row} consecutive steps with non-finite loss, gradients or '
+      f'update (max_nonfinite_in_row={limit}). Last good checkpoint: {where}. Lower the '
+      'learning rate or set optim.grad_clip_norm, then restart.')
 
 
 def train_and_evaluate(config, workdir: str, *, mesh=None,
@@ -323,7 +360,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
     mesh: optional jax Mesh with axes ('data', 'fsdp') (see `sharding`); default the one of
       config.mesh over all devices of all processes (started by `initialize_distributed`).
     should_stop: optional `f(step) -> bool` checked after each step; when true the loop saves
-      a checkpoint and returns early, as on SIGTERM.
+      a checkpoint and returns early, as on SIGTERM (on any process: all stop together).
   Returns:
     (final TrainState, summary dict with 'top1' (None when stopped early), 'step', 'plot').
   """
@@ -335,6 +372,9 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       mesh, config.get('eval_batch_size') or config.batch_size)
   primary = sharding_lib.is_primary()
   os.makedirs(workdir, exist_ok=True)
+  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                      config.checkpoint_every_steps, config.keep_checkpoints)
+  changes = run_identity.check(config, workdir, resuming_from=checkpoints.latest_step())
   steps_per_epoch = max(data_lib.num_train_examples(config) // config.batch_size, 1)
   total_steps = _total_steps(config, steps_per_epoch)
   recipe = build_train_step(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -353,9 +393,8 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   state, teacher_variables, step_rng = sharding_lib.put(
       (state, teacher_variables, step_rng), (state_shardings, teacher_shardings, replicated))
 
-  checkpoints = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                      config.checkpoint_every_steps, config.keep_checkpoints)
   state, step_rng, history, train_iter = _resume(config, checkpoints, state, step_rng, block)
+  run_identity.record(config, workdir, mesh, changes)
   start_step = int(sharding_lib.fetch(state.step))
 
   train_step = sharding_lib.jit_train_step(recipe.train_step, mesh, state_shardings,
@@ -367,10 +406,10 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       config, process_index=eval_block[0], process_count=eval_block[1]))
   writer = metrics_lib.MetricsWriter(workdir, history, active=primary)
 
-  def evaluate_unless_stopped(sigterm):
-    """The eval record, written; None when SIGTERM cut the evaluation short (not written)."""
-    result = evaluate(eval_step, state, _stop_after(sigterm, eval_batches()))
-    if sigterm.is_set:
+  def evaluate_unless_stopped(stop):
+    """The eval record, written; None when a stop cut the evaluation short (not written)."""
+    result = evaluate(eval_step, state, _stop_after(stop, eval_batches()))
+    if stop.stopped:
       return None
     writer.write({'kind': 'eval', 'step': int(state.step), **result})
     return result
@@ -389,11 +428,14 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
     state = jax.device_put(_calibrate(model, state, put_batch(first)['image']), state_shardings)
 
   interval, last_log = [], time.time()
-  stopped = False
   log_every = max(int(config.log_every_steps), 1)
-  with _SigtermFlag() as sigterm, tqdm(total=total_steps, initial=start_step, disable=not primary,
-                                       dynamic_ncols=True, mininterval=2.0) as bar:
+  with _StopRequest() as stop, tqdm(total=total_steps, initial=start_step, disable=not primary,
+                                    dynamic_ncols=True, mininterval=2.0) as bar:
+    if _periodic_eval_missing(config, history, start_step, total_steps):
+      evaluate_unless_stopped(stop)  # a stop had cut it short in the run that saved `state`
     for step in range(start_step, total_steps):
+      if stop.stopped:
+        break
       batch = put_batch(next(batches))
       state, metrics = train_step(state, batch, step_rng, teacher_variables)
       if step == start_step:
@@ -402,7 +444,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       done = step + 1
       in_row = int(metrics['nonfinite_in_row'])
       if not bool(metrics['finite']):
-        logging.warning('step %d: non-finite loss or gradients, update skipped (%d in a row)',
+        logging.warning('step %d: non-finite loss, gradients or update; skipped (%d in a row)',
                         step, in_row)
       if in_row >= config.max_nonfinite_in_row:
         writer.write({'kind': 'train', 'step': done, **metrics_lib.summarize(interval)})
@@ -417,10 +459,11 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
                         img_s=f"{record['images_per_sec']:.0f}")
         interval, last_log = [], now
       if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-        evaluate_unless_stopped(sigterm)
+        evaluate_unless_stopped(stop)
         last_log = time.time()
       bar.update(1)
-      stopped = sigterm.is_set or (should_stop is not None and should_stop(done))
+      stop.requested |= should_stop is not None and should_stop(done)
+      stopped = stop.agreed(done)
       # The last step's checkpoint is written after the final evaluation; none is written
       # inside a non-finite streak, so the last one before it stays the newest good one.
       periodic = done % config.checkpoint_every_steps == 0 and done < total_steps and not in_row
@@ -433,11 +476,11 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
         break
 
     summary = {'step': int(state.step), 'top1': None, 'plot': None}
-    if not stopped:
-      result = evaluate_unless_stopped(sigterm)
+    if not stop.stopped:
+      result = evaluate_unless_stopped(stop)
       save()
       summary['top1'] = result and result['top1']
-    checkpoints.close()  # waits for the last write, still under the SIGTERM flag
+    checkpoints.close()  # waits for the last write, still under the stop handler
   writer.close()
   if primary:
     summary['plot'] = plots.plot_runs({'': writer.history},

@@ -26,6 +26,8 @@ def get_config(variant: str = 'tiny'):
   config.init_from = ''
   config.compute_dtype = 'bfloat16'
   config.max_nonfinite_in_row = 20
+  # Resuming with other trajectory keys (bhvit_jax.run_identity) is refused unless True.
+  config.allow_config_change = False
 
   config.data = ml_collections.ConfigDict(dict(
       name='tfds:imagenet2012', data_dir='', image_size=224, train_split='train',

@@ -1,12 +1,17 @@
 """The real entry point survives SIGKILL (even mid-checkpoint) and SIGTERM bitwise, and explains
 every failure as one `error:` line (exit 1 or 2) without touching what is on disk.
 
-Every run is `python -m bhvit_jax.train --config configs/demo.py` with a tiny model. The
-processes share a persistent XLA compilation cache, so only the first one compiles the step.
+The entry-point runs are `python -m bhvit_jax.train --config configs/demo.py` with a tiny
+model; they share a persistent XLA compilation cache, so only the first one compiles the step.
+The loop's own guarantees (schedules after a skipped step, the update guard, a repeated
+evaluation, config.json, telling a broken checkpoint from a read error) are checked in-process
+with a stand-in model.
 """
+import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -16,7 +21,12 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
@@ -24,6 +34,10 @@ from array_record.python import array_record_module
 from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
+from bhvit_jax import model as model_lib
+from bhvit_jax import optim
+from bhvit_jax import plots
+from bhvit_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config.model.hidden_sizes=(16,32,64,128)', '--config.model.mlp_sizes=(32,64,128,256)',
@@ -214,7 +228,8 @@ def test_nonfinite_streak_stops_naming_step_and_last_good_checkpoint(env, runs, 
   workdir = tmp_path / 'nan'
   shutil.copytree(runs['snapshot'], workdir)
   before = _tree_digest(workdir / 'checkpoints' / '3')
-  result = _run(env, workdir, '--config.data.std=(0.,0.,0.)', '--config.max_nonfinite_in_row=2')
+  result = _run(env, workdir, '--config.data.std=(0.,0.,0.)', '--config.max_nonfinite_in_row=2',
+                '--config.allow_config_change=True')
   _assert_clean_error(result, 1, r'error: stopping at step 4: 2 consecutive steps with '
                       r'non-finite', r'Last good checkpoint: \S*checkpoints/3\b')
   records = _train_records(workdir)
@@ -223,7 +238,7 @@ def test_nonfinite_streak_stops_naming_step_and_last_good_checkpoint(env, runs, 
   assert _tree_digest(workdir / 'checkpoints' / '3') == before
   assert sorted(e for e in _entries(workdir) if TMP_SUFFIX not in e) == ['3']
   # With the data fixed, the rerun resumes from step 3 and ends as if nothing had happened.
-  rerun = _run(env, workdir)
+  rerun = _run(env, workdir, '--config.allow_config_change=True')
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   _assert_same_variables(runs['straight'], workdir)
   assert _by_step(workdir) == _by_step(runs['straight'])
@@ -253,7 +268,9 @@ def test_invalid_model_and_data_values_are_all_listed(env, tmp_path):
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(env, runs, tmp_path):
   workdir = tmp_path / 'other'
   shutil.copytree(runs['snapshot'], workdir)
-  result = _run(env, workdir, '--config.model.mlp_sizes=(64,128,256,512)')
+  # Allowed as a config change, the other model still meets the shape check.
+  result = _run(env, workdir, '--config.model.mlp_sizes=(64,128,256,512)',
+                '--config.allow_config_change=True')
   _assert_clean_error(result, 2, r'does not match the current model', r'Nothing on disk')
   # Every MLP doubles: the normalization over the last block's hidden units grows 2x.
   match = re.search(r'batch_stats/layerB_1/intermediate/norm/var: checkpoint \((\d+),\) vs '
@@ -320,3 +337,253 @@ def test_dotted_key_suggestions_cover_nested_keys():
     config_lib.check_keys(config, ['zzz'])
   with pytest.raises(config_lib.ConfigError, match=r'^config\.model\.depths is given 2 times$'):
     config_lib.check_keys(config, ['model.depths', 'seed', 'model.depths'])
+
+
+# ------------------------------------------ the loop in-process, with a stand-in model ---
+# The runs below call `train.train_and_evaluate` with a three-layer stand-in of BHViT's
+# interface (it compiles in about a second) on 8×8 digits; step 2's batch is made non-finite.
+
+POISONED_STEP = 2
+
+
+class StandIn(nn.Module):
+  """Binarizable kernel (`dense`), BatchNorm statistics and BHViT's attributes."""
+  num_classes: int = 10
+  image_size: int = 8
+  weight_bits: int = 1
+  some_fp: bool = True
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(4, (3, 3), strides=(2, 2), name='cov1')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name='norm')(x)
+    return nn.Dense(self.num_classes, name='dense')(x.mean(axis=(1, 2)))
+
+
+class _PoisonedIter:
+  """The real train iterator with NaN pixels in the batch of POISONED_STEP."""
+
+  def __init__(self, real, *args, **kwargs):
+    self._it = real(*args, **kwargs)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    step = self._it.get_state()['step']
+    batch = next(self._it)
+    return {**batch, 'image': batch['image'] * (np.nan if step == POISONED_STEP else 1.0)}
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+def _stand_in(mp, poisoned=True):
+  mp.setattr(model_lib, 'build', lambda *args: StandIn())
+  mp.setattr(plots, 'plot_runs', lambda *args: None)  # matplotlib: 3 s a run, not tested here
+  if poisoned:
+    mp.setattr(data_lib, 'build_train_iter',
+               functools.partial(_PoisonedIter, data_lib.build_train_iter))
+
+
+def _loop_config(**overrides):
+  config = _demo_config()
+  config.data.image_size = 8
+  config.update(batch_size=16, total_steps=6, checkpoint_every_steps=2, keep_checkpoints=10,
+                eval_every_steps=2, log_every_steps=1)
+  # lr rises every step of the warm-up; β switches on at step 3 and is carried by the loss.
+  config.optim.update(warmup_steps=5, reg_beta=0.1, reg_start_fraction=0.5,
+                      reg_placement='loss')
+  config.update(overrides)
+  return config
+
+
+def _records_of(workdir):
+  """metrics.jsonl, refusing NaN/Infinity as strict JSON readers do."""
+  def refuse(token):
+    raise ValueError(f'non-JSON constant {token}')
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(line, parse_constant=refuse) for line in lines]
+
+
+def _sigterm_during_first_evaluation(mp):
+  real = data_lib.build_eval_iter
+
+  def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    yield from real(*args, **kwargs)
+  mp.setattr(data_lib, 'build_eval_iter', signalled)
+
+
+@pytest.fixture(scope='module')
+def loop(tmp_path_factory):
+  """An uninterrupted run; one SIGTERMed during its step-2 periodic evaluation (copied aside
+  there as `cut`) and rerun to the end."""
+  root = tmp_path_factory.mktemp('loop')
+  config = _loop_config()
+  with pytest.MonkeyPatch.context() as mp:
+    _stand_in(mp)
+    straight_state, straight = train.train_and_evaluate(config, str(root / 'straight'))
+    # Outside the loop's handler SIGTERM is ignored: a regression fails the asserts instead
+    # of killing pytest.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+      with pytest.MonkeyPatch.context() as signalling:
+        _sigterm_during_first_evaluation(signalling)
+        _, stopped = train.train_and_evaluate(config, str(root / 'resumed'))
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+    shutil.copytree(root / 'resumed', root / 'cut')
+    resumed_state, resumed = train.train_and_evaluate(config, str(root / 'resumed'))
+  return {'root': root, 'config': config, 'straight': straight, 'straight_state': straight_state,
+          'stopped': stopped, 'resumed': resumed, 'resumed_state': resumed_state}
+
+
+def _schedule_counts(state):
+  return [s.count for s in jax.tree_util.tree_leaves(
+      state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+          if isinstance(s, optax.ScaleByScheduleState)]
+
+
+def test_skipped_step_leaves_lr_and_beta_on_the_applied_updates(loop):
+  config = loop['config']
+  lr_fn = optim.learning_rate_schedule(config.optim, global_batch_size=16, total_steps=6)
+  beta_fn = optim.beta_schedule(config.optim, 6)
+  train_records = [r for r in _records_of(loop['root'] / 'straight') if r['kind'] == 'train']
+  assert [r['finite'] for r in train_records] == [1, 1, 0, 1, 1, 1]
+  # Step 2 is skipped, so steps 2 and 3 both log (and step 3 applies) update number 2.
+  applied = [0, 1, 2, 2, 3, 4]
+  np.testing.assert_allclose([r['lr'] for r in train_records],
+                             [float(lr_fn(n)) for n in applied], rtol=1e-6)
+  assert [r['beta'] for r in train_records] == [float(beta_fn(n)) for n in applied]
+  assert float(lr_fn(2)) != float(lr_fn(3)) and float(beta_fn(2)) != float(beta_fn(3))
+  # The optimizer's own counter: 5 updates; the last logged lr is the one of its last update.
+  (count,) = _schedule_counts(loop['straight_state'])
+  assert int(count) == 5 == int(loop['straight_state'].step) - 1
+  assert train_records[-1]['lr'] == pytest.approx(float(lr_fn(int(count) - 1)), rel=1e-6)
+
+
+def test_periodic_evaluation_cut_short_is_repeated(loop):
+  assert loop['stopped'] == {'step': 2, 'top1': None, 'plot': None}
+  assert not [r for r in _records_of(loop['root'] / 'cut') if r['kind'] == 'eval']
+  evals = lambda run: {r['step']: (r['top1'], r['loss'])
+                       for r in _records_of(loop['root'] / run) if r['kind'] == 'eval'}
+  assert sorted(evals('straight')) == [2, 4, 6]
+  assert evals('resumed') == evals('straight')
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(loop['straight_state'])),
+                  jax.tree_util.tree_leaves(jax.device_get(loop['resumed_state']))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_config_json_records_the_run(loop):
+  record = json.loads((loop['root'] / 'straight' / 'config.json').read_text())
+  assert record['config']['batch_size'] == 16 and record['config']['optim']['warmup_steps'] == 5
+  assert record['process_count'] == 1 and record['mesh'] == {'data': jax.device_count(),
+                                                             'fsdp': 1}
+  assert record['versions']['jax'] == jax.__version__ and record['changes'] == []
+
+
+def _copy(loop, run, tmp_path):
+  shutil.copytree(loop['root'] / run, tmp_path / run)
+  return tmp_path / run
+
+
+def test_changed_trajectory_key_is_refused_unless_allowed(loop, tmp_path, monkeypatch, caplog):
+  _stand_in(monkeypatch)
+  workdir = _copy(loop, 'cut', tmp_path)
+  before = _tree_digest(workdir)
+  # log_every_steps may change freely; batch_size changes the schedule and the data order.
+  changed = _loop_config(batch_size=32, log_every_steps=2)
+  with pytest.raises(config_lib.UserError, match=r"holds a run with another configuration: "
+                     r"batch_size \(16 -> 32\); .*allow_config_change=True") as error:
+    train.train_and_evaluate(changed, str(workdir))
+  assert '\n' not in str(error.value) and 'log_every_steps' not in str(error.value)
+  assert _tree_digest(workdir) == before
+  changed.allow_config_change = True
+  with caplog.at_level(logging.WARNING):
+    _, summary = train.train_and_evaluate(changed, str(workdir), should_stop=lambda s: s == 3)
+  assert summary['step'] == 3 and 'changed configuration: batch_size (16 -> 32)' in caplog.text
+  record = json.loads((workdir / 'config.json').read_text())
+  assert record['changes'] == [{'step': 2, 'changed': {'batch_size': [16, 32]}}]
+  assert record['config']['batch_size'] == 32
+
+
+@pytest.mark.parametrize('broken', ['nan_lr', 'nan_opt_state'])
+def test_nonfinite_update_is_skipped_then_stops(broken, tmp_path, monkeypatch):
+  _stand_in(monkeypatch, poisoned=False)
+  config = _loop_config(max_nonfinite_in_row=2, checkpoint_every_steps=1, eval_every_steps=0)
+  if broken == 'nan_lr':
+    config.optim.base_lr = float('nan')
+  else:
+    real_create = train.create_train_state
+
+    def with_nan_moment(variables, tx):
+      state = real_create(variables, tx)
+      adam = next(s for s in state.opt_state if isinstance(s, optax.ScaleByAdamState))
+      mu = jax.tree_util.tree_map(lambda m: m.at[(0,) * m.ndim].set(jnp.nan), adam.mu)
+      return state.replace(opt_state=tuple(
+          s._replace(mu=mu) if s is adam else s for s in state.opt_state))
+    monkeypatch.setattr(train, 'create_train_state', with_nan_moment)
+  with pytest.raises(train.NonFiniteError, match=r'^stopping at step 1: 2 consecutive steps '
+                     r'with non-finite loss, gradients or update .*Last good checkpoint: none'
+                     ) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert '\n' not in str(error.value)
+  records = [r for r in _records_of(tmp_path) if r['kind'] == 'train']
+  assert [(r['step'], r['finite'], r['nonfinite_total']) for r in records] == [(1, 0, 1),
+                                                                              (2, 0, 2)]
+  # The loss and gradients were fine; the update was not, and nothing of it was kept: the
+  # regularizer of the kernels before step 2 is the one of the initial kernels.
+  assert all(r['loss'] is not None and r['grad_norm'] is not None for r in records)
+  assert records[1]['reg'] == records[0]['reg'] is not None
+  assert (records[0]['lr'] is None) == (broken == 'nan_lr')
+  assert ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), 1, 1).latest_step() is None
+
+
+def _largest_tensor_file(checkpoint):
+  files = [p for p in checkpoint.glob('state/**/d/*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_transient_read_error_stops_and_changes_nothing(loop, tmp_path, monkeypatch):
+  _stand_in(monkeypatch)
+  workdir = _copy(loop, 'straight', tmp_path)
+  before = _tree_digest(workdir)
+  real_restore, calls = ocp.CheckpointManager.restore, []
+
+  def flaky(self, *args, **kwargs):
+    calls.append(args)
+    if len(calls) == 1:
+      raise OSError(5, 'Input/output error')
+    return real_restore(self, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', flaky)
+  with pytest.raises(ckpt_lib.CheckpointReadError, match=r'^cannot read checkpoint \S+/6 '
+                     r'\(OSError: \[Errno 5\] Input/output error\); nothing was changed'
+                     ) as error:
+    train.train_and_evaluate(loop['config'], str(workdir))
+  assert '\n' not in str(error.value)
+  assert _tree_digest(workdir) == before
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6']
+
+
+def test_truncated_checkpoint_is_set_aside_and_the_run_resumes(loop, tmp_path, monkeypatch,
+                                                                caplog):
+  _stand_in(monkeypatch)
+  workdir = _copy(loop, 'straight', tmp_path)
+  with open(_largest_tensor_file(workdir / 'checkpoints' / '6'), 'r+b') as f:
+    f.truncate(10)
+  (workdir / 'checkpoints' / 'corrupt_6').mkdir()  # left by an earlier incident
+  with caplog.at_level(logging.WARNING):
+    state, summary = train.train_and_evaluate(loop['config'], str(workdir))
+  assert re.search(r'Checkpoint step 6 is unreadable \(truncated or undecodable data '
+                   r'\(OUT_OF_RANGE.*set aside as \S+corrupt_6_2, falling back to step 4',
+                   caplog.text), caplog.text
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6', 'corrupt_6',
+                                                         'corrupt_6_2']
+  assert summary['top1'] == loop['straight']['top1'] and summary['step'] == 6
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(loop['straight_state'])),
+                  jax.tree_util.tree_leaves(jax.device_get(state))):
+    np.testing.assert_array_equal(a, b)

@@ -1,4 +1,5 @@
-"""Sharded training gives the numbers of one device: meshes, FSDP, BatchNorm, multi-process.
+"""Sharded training gives the numbers of one device: meshes, FSDP, BatchNorm, multi-process;
+a stop on one process stops all at one step.
 
 The multi-device checks run this file as a script in subprocesses with 8 simulated CPU
 devices (`python tests/test_sharding.py equivalence OUT`), since the device count is fixed
@@ -8,9 +9,12 @@ import functools
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -138,8 +142,9 @@ def _free_port() -> int:
 
 def _train_command(workdir, *extra):
   return [sys.executable, '-m', 'bhvit_jax.train', '--config', str(REPO / 'configs' / 'demo.py'),
-          '--workdir', str(workdir), '--config.total_steps=4', '--config.batch_size=16',
+          '--workdir', str(workdir), '--config.total_steps=6', '--config.batch_size=16',
           '--config.optim.warmup_steps=1', '--config.checkpoint_every_steps=2',
+          '--config.keep_checkpoints=10',
           '--config.eval_every_steps=0', '--config.log_every_steps=1', *SMALL_FLAGS, *extra]
 
 
@@ -159,26 +164,45 @@ def eight_device_run(tmp_path_factory):
 
 def test_entry_point_runs_on_eight_devices(eight_device_run):
   records = _train_records(eight_device_run)
-  assert [r['step'] for r in records if r['kind'] == 'train'] == [1, 2, 3, 4]
+  assert [r['step'] for r in records if r['kind'] == 'train'] == [1, 2, 3, 4, 5, 6]
   final = [r for r in records if r['kind'] == 'eval']
   assert len(final) == 1 and final[0]['examples'] == 500  # every held-out digit counted once
   assert (eight_device_run / 'training.png').is_file()
-  assert sorted(os.listdir(eight_device_run / 'checkpoints')) == ['2', '4']
+  assert sorted(os.listdir(eight_device_run / 'checkpoints')) == ['2', '4', '6']
 
 
-def test_two_processes_match_one_process(eight_device_run, tmp_path):
+def _start_two_processes(workdir):
+  """The entry point as processes 0 and 1 of a 2-process job, 4 CPU devices each.
+
+  No persistent compilation cache: a process that finds its step there enters the first
+  collective while the other still compiles, and gloo gives up after 30 s.
+  """
   port = _free_port()
-  workdir = tmp_path / 'two_processes'
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       _train_command(workdir, f'--config.distributed.coordinator_address=127.0.0.1:{port}',
                      '--config.distributed.num_processes=2',
                      f'--config.distributed.process_id={i}'),
-      env=_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+      env=_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+
+
+def _finish(procs) -> list:
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+@pytest.fixture(scope='session')
+def two_process_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('two_processes')
+  outputs = _finish(_start_two_processes(workdir))
   assert 'held-out top-1' in outputs[0]
+  return workdir
+
+
+def test_two_processes_match_one_process(eight_device_run, two_process_run):
+  workdir = two_process_run
   # gloo's all-reduce sums in another order than the in-process one, so float32 results
   # differ in the last bits; after a few steps a binary sign decision can flip on it and the
   # runs drift apart (steps 1-3 agree to 1e-6, step 4 by 0.3% in our runs). Steps 1-3 and
@@ -190,7 +214,7 @@ def test_two_processes_match_one_process(eight_device_run, tmp_path):
   for key in ('loss', 'grad_norm', 'train_top1'):
     np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in theirs], rtol=1e-5,
                                err_msg=key)
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6']
   got, want = (_checkpoint_params(w / 'checkpoints', 2) for w in (workdir, eight_device_run))
   assert sorted(got) == sorted(want)
   # Tensors whose gradient is a near-cancelling sum (e.g. a bias followed by BatchNorm) get
@@ -203,6 +227,45 @@ def test_two_processes_match_one_process(eight_device_run, tmp_path):
     else:
       assert np.max(np.abs(got[key] - value)) <= lr_bound, key
   assert tight >= 0.8 * len(want), (tight, len(want))
+
+
+def _last_train_step(workdir) -> int:
+  try:
+    return max((r['step'] for r in _train_records(workdir) if r['kind'] == 'train'), default=0)
+  except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+    return 0
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(two_process_run, tmp_path):
+  """Only process 1 is signalled; both save one checkpoint of the same step and exit 0, and
+  the rerun ends bitwise where the uninterrupted 2-process run ends."""
+  workdir = tmp_path / 'preempted'
+  procs = _start_two_processes(workdir)
+  deadline = time.time() + 600
+  while _last_train_step(workdir) < 1:  # both processes are inside the loop
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, 'run ended early'
+    time.sleep(0.005)
+  for p in procs:
+    p.send_signal(signal.SIGSTOP)
+  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:
+    p.send_signal(signal.SIGCONT)
+  outputs = _finish(procs)
+  stopped = [re.search(r'stopped at step (\d+); checkpoint saved', out) for out in outputs]
+  assert all(stopped), outputs[0][-2000:]
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step and 1 <= step < 6, step
+  saved = sorted(int(s) for s in os.listdir(workdir / 'checkpoints'))
+  assert saved[-1] == step and saved == sorted({2, 4} & set(range(step)) | {step}), saved
+  _finish(_start_two_processes(workdir))
+  keys = ('loss', 'grad_norm', 'lr', 'train_top1')
+  by_step = lambda w: {r['step']: tuple(r[k] for k in keys)
+                       for r in _train_records(w) if r['kind'] == 'train'}
+  assert by_step(workdir) == by_step(two_process_run)
+  got, want = (_checkpoint_params(w / 'checkpoints', 6) for w in (workdir, two_process_run))
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 def _checkpoint_params(directory, step):
