@@ -88,7 +88,8 @@ def eval_config(config, split: str, batch_size: int, data_dir: str):
     if data_dir:
       if not os.path.isdir(data_dir):
         raise config_lib.UserError(f'--data {data_dir!r} is not a directory')
-      config.data.update(name='folder', data_dir=data_dir, train_split='', eval_split='')
+      config.data.update(name='folder', data_dir=data_dir, train_split='', eval_split='',
+                         holdout_fraction=0.0)
     if batch_size:
       config.eval_batch_size = batch_size
   return config
