@@ -8,7 +8,8 @@ r"""Top-1, top-5 and mean cross-entropy of a checkpoint on one split of the conf
   python tools/evaluate.py --config configs/bhvit_tiny.py --checkpoint BHViT_tiny.pth \
       --data /data/imagenet/val --predictions val_predictions.jsonl
 
---checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train`, a `.msgpack` of
+--checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train` (`WORKDIR:<step>`,
+`WORKDIR:best` for the best evaluation's weights; `--ema` reads the run's EMA weights), a `.msgpack` of
 Flax variables, a PyTorch `.pth`/`.pt` (or numpy `.npz`) state dict of the official BHViT, or a
 bit-packed file of tools/export_packed.py (any other name; evaluated with the XNOR-popcount
 inference, the fastest on CPU). --split: 'eval' (the config's data.eval_split, default), 'train'
@@ -50,6 +51,7 @@ _JSON = flags.DEFINE_string('json', '', 'also write the result as JSON to this p
 _DATA = flags.DEFINE_string('data', '', 'image folder DIR/<class>/<image> to evaluate '
                             '(instead of the config data set)')
 _PREDICTIONS = flags.DEFINE_string('predictions', '', 'write per-image logits (JSON lines)')
+_EMA = flags.DEFINE_bool('ema', False, "evaluate the run's EMA weights (config.ema_decay > 0)")
 # --config (a config file, with --config.x=... overrides) is the flag bhvit_jax.train defines
 # when imported; absl allows one definition, so this tool parses that one.
 FLAGS = flags.FLAGS
@@ -60,16 +62,19 @@ def split_name(config, split: str) -> str:
 
 
 def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0,
-                        data_dir: str = '', predictions: str = '') -> dict:
+                        data_dir: str = '', predictions: str = '', ema: bool = False) -> dict:
   """{'top1', 'top5' (%), 'loss', 'examples', 'skipped', 'split', 'checkpoint'} of
   `checkpoint` on `split` of the config's data set, or on the image folder `data_dir`;
-  `predictions`: path of the per-image JSON lines to write."""
+  `predictions`: path of the per-image JSON lines to write; `ema`: the run's EMA weights."""
   config = eval_config(config, split, batch_size, data_dir)
   if ckpt_lib.is_packed_file(checkpoint):
+    if ema:
+      raise config_lib.UserError(f'--ema: {checkpoint} is a packed file; export it with '
+                                 'export_packed.py --ema')
     model, state = packed.load(checkpoint)
     logits_fn = functools.partial(packed.apply, model)
   else:
-    model, state = _float_model_state(config, checkpoint)
+    model, state = _float_model_state(config, checkpoint, ema)
     logits_fn = train.make_eval_logits(model)
   _check_data(config, model)
   source = data_lib.make_source(config, config.data.eval_split)
@@ -144,9 +149,9 @@ class _PredictionWriter:
       self._file.write(json.dumps(record) + '\n')
 
 
-def _float_model_state(config, checkpoint: str):
+def _float_model_state(config, checkpoint: str, ema: bool):
   model = model_lib.build(config.model, config.compute_dtype)
-  variables = ckpt_lib.load_any(checkpoint, model)
+  variables = ckpt_lib.load_any(checkpoint, model, ema=ema)
   # The variables travel as jit arguments (inside the state): closing over them would let XLA
   # constant-fold the binarization, whose rounding can flip signs.
   return model, train.create_train_state(variables, optax.identity())
@@ -173,7 +178,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     result = evaluate_checkpoint(FLAGS.config, _CHECKPOINT.value, _SPLIT.value, _BATCH.value,
-                                 _DATA.value, _PREDICTIONS.value)
+                                 _DATA.value, _PREDICTIONS.value, _EMA.value)
   except main_lib.USER_ERRORS as e:
     config_lib.fail(str(e))
   print(format_table(result))

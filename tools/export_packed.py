@@ -4,14 +4,14 @@ r"""Exports a BHViT to the bit-packed deployable format (bhvit_jax.packed) and c
   python tools/export_packed.py --config configs/bhvit_tiny.py --checkpoint tiny.pth --out t.pk
   python tools/export_packed.py --preset small --out small.pk --benchmark_batch 16
 
-Variables come from --checkpoint (a PyTorch .pth/.pt or an orbax run directory), from the
+Variables come from --checkpoint (a PyTorch .pth/.pt, an orbax run directory, WORKDIR:<step> or
+WORKDIR:best; --ema takes the run's EMA weights), from the
 case fixture (--fixture, its model and inputs), or a random init. Prints the file size next to
 the float32 checkpoint and the theoretical size (binarized/8 + full precision·4 bytes), the
 relative error of the packed eval logits against the float model's, and optionally eval
 images/s of both. The last line is a JSON object of these numbers.
 """
 import json
-import os
 import time
 
 from absl import app
@@ -22,7 +22,6 @@ import numpy as np
 from ml_collections import config_flags
 
 from bhvit_jax import checkpoint
-from bhvit_jax import convert
 from bhvit_jax import model as model_lib
 from bhvit_jax import packed
 from bhvit_jax import reference
@@ -32,7 +31,9 @@ PRESETS = {'tiny': {'depths': (2, 2, 6, 2)}, 'small': {'depths': (3, 4, 8, 4)}}
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file with a `model` sub-config')
 _PRESET = flags.DEFINE_enum('preset', 'tiny', list(PRESETS), 'model without --config/--fixture')
 _MODEL_JSON = flags.DEFINE_string('model-json', '', 'JSON of BHViT fields updating the preset')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', '', '.pth/.pt file or orbax run directory')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', '', '.pth/.pt file, orbax run directory, '
+                                  'WORKDIR:<step> or WORKDIR:best')
+_EMA = flags.DEFINE_bool('ema', False, "export the run's EMA weights (config.ema_decay > 0)")
 _FIXTURE = flags.DEFINE_string('fixture', '', 'reference case .npz: its model, state and input')
 _OUT = flags.DEFINE_string('out', None, 'packed output file', required=True)
 _FP16 = flags.DEFINE_bool('fp16', False, 'store the full-precision parts as float16')
@@ -57,10 +58,8 @@ def load_variables(model):
   images = jax.random.normal(key, (2, model.image_size, model.image_size, 3), jnp.float32)
   if not _CHECKPOINT.value:
     variables = jax.jit(lambda k: model.init({'params': k}, images[:1]))(key)
-  elif os.path.isdir(_CHECKPOINT.value):
-    variables = checkpoint.load_variables(_CHECKPOINT.value)
   else:
-    variables = convert.torch_to_flax(convert.load_torch_file(_CHECKPOINT.value), model)
+    variables = checkpoint.load_any(_CHECKPOINT.value, model, ema=_EMA.value)
   return model, variables, images
 
 
