@@ -78,6 +78,23 @@ def check_shapes(stored: dict, target: dict, what: str):
   raise_mismatch(what, mismatch_lines(_flat_shapes(stored), _flat_shapes(target)))
 
 
+def _without_absent_empty(target, stored):
+  """`target` without the empty subtrees the stored tree lacks, which orbax would reject: an
+  empty collection added to the train state after the checkpoint was written (the EMA fields,
+  empty when config.ema_decay is 0) restores as empty."""
+  if not isinstance(target, dict) or not isinstance(stored, dict):
+    return target
+  return {k: _without_absent_empty(v, stored.get(k)) for k, v in target.items()
+          if k in stored or jax.tree_util.tree_leaves(v)}
+
+
+def _refill(restored, target):
+  """`restored` with the subtrees of `target` it lacks (those `_without_absent_empty` left out)."""
+  if not isinstance(target, dict):
+    return restored
+  return {k: _refill(restored[k], v) if k in restored else v for k, v in target.items()}
+
+
 def _item_handlers():
   # Explicit handlers so a fresh manager can read metadata before any save or restore.
   return {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
@@ -168,11 +185,12 @@ class Checkpointer:
       check_shapes(stored, target_dict, f'checkpoint {self.directory} step {step}')
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target_dict), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(_without_absent_empty(target_dict, stored)),
+            meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
         self._quarantine(step, e)
         continue
-      state = flax.serialization.from_state_dict(target, restored['state'])
+      state = flax.serialization.from_state_dict(target, _refill(restored['state'], target_dict))
       return step, state, _decode_meta(restored['meta'])
     return None
 

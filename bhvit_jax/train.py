@@ -54,7 +54,9 @@ class TrainState:
   nonfinite_in_row: jnp.ndarray  # int32 scalar
   nonfinite_total: jnp.ndarray  # int32 scalar
   # Exponential moving averages of params and BatchNorm statistics; {} when config.ema_decay
-  # is 0 (see `ema_update`).
+  # is 0 (see `ema_update`). The statistics are averaged rather than copied, as timm's
+  # ModelEma (the official --model-ema) averages buffers: the live statistics describe the
+  # live weights' activations, not the average's.
   ema_params: PyTree = flax.struct.field(default_factory=dict)
   ema_batch_stats: PyTree = flax.struct.field(default_factory=dict)
 

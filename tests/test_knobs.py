@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -175,3 +176,19 @@ def test_best_checkpoint_survives_rotation_with_ema_holdout_and_accumulation(tmp
     result = real_evaluate(eval_step, state, data_lib.build_eval_iter(config, split='holdout'))
     assert result['loss'] == pytest.approx(records[1]['loss'], rel=1e-6)
   assert emas[1]['loss'] != evals[1]['loss']
+
+
+def test_checkpoint_written_before_the_ema_fields_restores(tmp_path):
+  """A train state saved without `ema_params`/`ema_batch_stats` (older runs) resumes with them
+  empty instead of being taken for a corrupt checkpoint."""
+  variables = {'params': {'w': jnp.arange(3.0)}, 'batch_stats': {'mean': jnp.ones(2)}}
+  state = train.create_train_state(variables, optax.identity())
+  old = flax.serialization.to_state_dict(state)
+  del old['ema_params'], old['ema_batch_stats']
+  checkpoints = ckpt_lib.Checkpointer(str(tmp_path), 1, 1)
+  checkpoints.save(1, {'train': old}, {})
+  checkpoints.wait()
+  step, restored, _ = checkpoints.restore({'train': state})
+  checkpoints.close()
+  assert step == 1 and restored['train'].ema_params == {}
+  np.testing.assert_array_equal(restored['train'].params['w'], [0.0, 1.0, 2.0])
