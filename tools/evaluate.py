@@ -9,11 +9,12 @@ r"""Top-1, top-5 and mean cross-entropy of a checkpoint on one split of the conf
       --data /data/imagenet/val --predictions val_predictions.jsonl
 
 --checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train` (`WORKDIR:<step>`,
-`WORKDIR:best` for the best evaluation's weights; `--ema` reads the run's EMA weights), a `.msgpack` of
-Flax variables, a PyTorch `.pth`/`.pt` (or numpy `.npz`) state dict of the official BHViT, or a
-bit-packed file of tools/export_packed.py (any other name; evaluated with the XNOR-popcount
-inference, the fastest on CPU). --split: 'eval' (the config's data.eval_split, default), 'train'
-(data.train_split, with the eval transform) or a split name. It uses the training loop's
+`WORKDIR:best` for the best evaluation's weights; `--ema` reads the run's EMA weights), a
+`.msgpack` of Flax variables, a PyTorch `.pth`/`.pt` (or numpy `.npz`) state dict of the
+official BHViT, or a bit-packed file of tools/export_packed.py (any other name; evaluated with
+the XNOR-popcount inference, the fastest on CPU). --split: 'eval' (the config's
+data.eval_split, default), 'train' (data.train_split, with the eval transform), 'holdout' (the
+part of the train split that data.holdout_fraction held out) or a split name. It uses the training loop's
 evaluation (train.eval_sums / train.evaluate) and the config's eval transform (the reference's:
 bicubic resize to int(S / data.eval_crop_ratio), centre crop).
 
