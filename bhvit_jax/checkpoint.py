@@ -121,9 +121,71 @@ def check_shapes(stored: dict, target: dict, what: str):
   raise_mismatch(what, mismatch_lines(_flat_shapes(stored), _flat_shapes(target)))
 
 
+def _without_absent_empty(target, stored):
+  """`target` without the empty subtrees the stored tree lacks, which orbax would reject: an
+  empty collection added to the train state after the checkpoint was written (the EMA fields,
+  empty when config.ema_decay is 0) restores as empty."""
+  if not isinstance(target, dict) or not isinstance(stored, dict):
+    return target
+  return {k: _without_absent_empty(v, stored.get(k)) for k, v in target.items()
+          if k in stored or jax.tree_util.tree_leaves(v)}
+
+
+def _refill(restored, target):
+  """`restored` with the subtrees of `target` it lacks (those `_without_absent_empty` left out)."""
+  if not isinstance(target, dict):
+    return restored
+  return {k: _refill(restored[k], v) if k in restored else v for k, v in target.items()}
+
+
 def _item_handlers():
   # Explicit handlers so a fresh manager can read metadata before any save or restore.
   return {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
+BEST_DIR = 'checkpoints_best'  # beside WORKDIR/checkpoints; read as `WORKDIR:best`
+
+
+class BestCheckpoint:
+  """The weights (`TrainState.weights()`) of the evaluation with the highest top-1 so far.
+
+  A separate one-checkpoint orbax directory, so the rotation of the periodic checkpoints
+  never deletes it. A new evaluation replaces it only when strictly better (ties keep the
+  earlier step, as an argmax over the logged records does); orbax removes the previous one
+  only after the new one is committed. Its meta holds {'step', 'top1'}; the record to beat is
+  read back on resume.
+  """
+
+  def __init__(self, directory: str, enabled: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.enabled = bool(enabled)
+    self.top1 = None
+    if not self.enabled:
+      return
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=_item_handlers())
+    step = self._manager.latest_step()
+    if step is not None:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      self.top1 = float(meta['meta']['top1'])
+
+  def update(self, step: int, top1: float, weights: PyTree) -> bool:
+    """Saves `weights` as the best when `top1` beats the best so far; True when saved."""
+    if not self.enabled or (self.top1 is not None and top1 <= self.top1):
+      return False
+    if step in self._manager.all_steps():
+      return False  # a rerun of that evaluation
+    self.top1 = float(top1)
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(flax.serialization.to_state_dict(weights)),
+        meta=ocp.args.JsonSave({'step': int(step), 'top1': float(top1)}))
+    return self._manager.save(int(step), args=args, force=True)
+
+  def close(self):
+    if self.enabled:
+      self._manager.close()
 
 
 class Checkpointer:
@@ -165,13 +227,14 @@ class Checkpointer:
         stored = stored.tree if hasattr(stored, 'tree') else stored
         check_shapes(stored, target_dict, f'checkpoint {self.directory} step {step}')
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target_dict), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(_without_absent_empty(target_dict, stored)),
+            meta=ocp.args.JsonRestore()))
       except ShapeMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside_or_raise(step, e, steps[i + 1] if i + 1 < len(steps) else None)
         continue
-      state = flax.serialization.from_state_dict(target, restored['state'])
+      state = flax.serialization.from_state_dict(target, _refill(restored['state'], target_dict))
       return step, state, _decode_meta(restored['meta'])
     return None
 
@@ -217,10 +280,12 @@ def _quiet_absl():
     logger.setLevel(level)
 
 
-def load_variables(directory: str, step: Optional[int] = None) -> dict:
+def load_variables(directory: str, step: Optional[int] = None, ema: bool = False) -> dict:
   """{'params', 'batch_stats', 'quant_state'} of checkpoint `step` (default: the newest).
 
   `directory` is a checkpoint directory or a training workdir containing `checkpoints/`.
+  `ema`: the run's exponential moving average of the weights and BatchNorm statistics
+  instead of the live ones (config.ema_decay > 0).
   """
   if os.path.isdir(os.path.join(directory, 'checkpoints')):
     directory = os.path.join(directory, 'checkpoints')
@@ -246,6 +311,12 @@ def load_variables(directory: str, step: Optional[int] = None) -> dict:
   finally:
     manager.close()
   variables = restored.get('train', restored)  # train.py saves {'train': TrainState, 'rng': key}
+  if ema:
+    if not variables.get('ema_params'):
+      raise config_lib.UserError(f'checkpoint {directory} step {step} holds no EMA weights '
+                                 '(trained with config.ema_decay=0)')
+    variables = {**variables, 'params': variables['ema_params'],
+                 'batch_stats': variables.get('ema_batch_stats')}
   return {k: jax.tree_util.tree_map(np.asarray, variables.get(k) or {})
           for k in ('params', 'batch_stats', 'quant_state')}
 
@@ -254,15 +325,22 @@ FLOAT_FILES = ('.msgpack', '.pth', '.pt', '.npz')
 
 
 def split_spec(spec: str) -> Tuple[str, Optional[int]]:
-  """'WORKDIR:1200' -> (WORKDIR, 1200); 'WORKDIR:latest' and anything else -> (path, None)."""
+  """'WORKDIR:1200' -> (WORKDIR, 1200); 'WORKDIR:best' -> (WORKDIR/checkpoints_best, None);
+  'WORKDIR:latest' and anything else -> (path, None)."""
   path, sep, suffix = str(spec).rpartition(':')
   if sep and os.path.isdir(path):
     if suffix.isdigit():
       return path, int(suffix)
     if suffix == 'latest':
       return path, None
+    if suffix == 'best':
+      best = os.path.join(path, BEST_DIR)
+      if not os.path.isdir(best):
+        raise config_lib.UserError(f'{spec}: {path} has no {BEST_DIR}/ (no evaluation ran, '
+                                   'or config.keep_best_checkpoint was False)')
+      return best, None
     raise config_lib.UserError(f"unknown checkpoint step {suffix!r} in {spec} (expected "
-                               "WORKDIR, WORKDIR:<step> or WORKDIR:latest)")
+                               "WORKDIR, WORKDIR:<step>, WORKDIR:best or WORKDIR:latest)")
   return str(spec), None
 
 
@@ -271,34 +349,43 @@ def is_packed_file(spec: str) -> bool:
   return os.path.isfile(spec) and not str(spec).endswith(FLOAT_FILES)
 
 
-def _read_variables(path: str, step: Optional[int], model, adapt: bool) -> dict:
+def _finetune():
+  from bhvit_jax import finetune  # pylint: disable=g-import-not-at-top  (it imports convert, us)
+  return finetune
+
+
+def _read_variables(path: str, step: Optional[int], model, adapt: bool, ema: bool) -> dict:
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
-  from bhvit_jax import finetune  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise config_lib.UserError(f'checkpoint not found ({path})')
   if os.path.isdir(path):
-    return load_variables(path, step)
+    return load_variables(path, step, ema)
+  if ema:
+    raise config_lib.UserError(f'{path}: EMA weights are read from a training run directory '
+                               'only')
   if path.endswith('.msgpack'):
     return convert.load_flax_variables(path)
   if path.endswith(('.pth', '.pt', '.npz')):
     state = convert.load_torch_file(path)
-    return convert.torch_to_flax(state, finetune.source_model(state, model) if adapt else model)
+    return convert.torch_to_flax(state, _finetune().source_model(state, model) if adapt else model)
   raise config_lib.UserError(f'{path}: a bit-packed file holds no latent weights; expected a '
                              f'run directory, WORKDIR:<step> or a {"/".join(FLOAT_FILES)} file')
 
 
-def load_any(spec: str, model, reference: Optional[dict] = None, adapt: bool = False) -> dict:
+def load_any(spec: str, model, reference: Optional[dict] = None, adapt: bool = False,
+             ema: bool = False) -> dict:
   """Float variables of `model` from any checkpoint the project reads.
 
-  `spec`: a training run or checkpoints directory (newest step), `WORKDIR:<step>`, a Flax
-  `.msgpack`, or a PyTorch `.pth`/`.pt`/`.npz` state dict of the official BHViT. `reference`
+  `spec`: a training run or checkpoints directory (newest step), `WORKDIR:<step>`,
+  `WORKDIR:best` (the best evaluation's weights), a Flax `.msgpack`, or a PyTorch
+  `.pth`/`.pt`/`.npz` state dict of the official BHViT; `ema`: the run's EMA weights. `reference`
   (variables or `jax.eval_shape` structs; default: the model's) fixes the collections and
   shapes; collections the checkpoint lacks keep the reference's. `adapt` (fine-tuning, as
   `init_from` does) first fits another class count or resolution (`finetune.adapt_variables`).
   Raises ShapeMismatchError with the one mismatch listing.
   """
   path, step = split_spec(spec)
-  read = _read_variables(path, step, model, adapt)  # before tracing: bad files fail fast
+  read = _read_variables(path, step, model, adapt, ema)  # before tracing: bad files fail fast
   if reference is None:
     from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
     reference = jax.eval_shape(lambda rng: model_lib.init_variables(model, rng),
@@ -307,8 +394,7 @@ def load_any(spec: str, model, reference: Optional[dict] = None, adapt: bool = F
   if 'params' not in loaded:
     raise config_lib.UserError(f'checkpoint {spec} contains no params')
   if adapt:
-    from bhvit_jax import finetune  # pylint: disable=g-import-not-at-top
-    loaded = finetune.adapt_variables(loaded, reference)
+    loaded = _finetune().adapt_variables(loaded, reference)
   check_shapes(loaded, {k: reference[k] for k in loaded}, f'checkpoint {spec}')
   merged = dict(reference)
   merged.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in loaded.items()})

@@ -229,6 +229,15 @@ def validate(config) -> None:
     except ConfigError as e:
       errors.append(str(e))
   init_from = config.get('init_from')
-  if init_from and not os.path.exists(init_from.rpartition(':')[0] or init_from):
+  if init_from and not os.path.exists(_checkpoint_path(init_from)):
     errors.append(f'config.init_from={init_from!r} does not exist')
   raise_problems('invalid configuration', errors)
+
+
+def _checkpoint_path(spec: str) -> str:
+  """The file or directory of a checkpoint spec (`WORKDIR:<step>`, `WORKDIR:best`, ...)."""
+  from bhvit_jax import checkpoint  # pylint: disable=g-import-not-at-top  (it imports us)
+  try:
+    return checkpoint.split_spec(spec)[0]
+  except UserError:
+    return spec

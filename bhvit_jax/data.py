@@ -57,6 +57,10 @@ _RECORD_HEADER = struct.Struct('<i')
 # Corrupt records are replaced by the next readable one; give up after this.
 _MAX_CORRUPT_RUN = 16
 _SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
+# data.holdout_fraction > 0 moves a fixed random part of the train split into this split.
+HOLDOUT_SPLIT = 'holdout'
+# Fixed so the held-out part never changes with config.seed or shuffle_seed.
+HOLDOUT_SEED = 20261207
 
 
 class _Counter:
@@ -375,8 +379,61 @@ def transform_settings(config) -> tuple[str, str, int]:
   return (*names, eval_resize_size(config))
 
 
+@dataclasses.dataclass
+class SubsetSource:
+  """The examples `indices` (int [N], increasing) of `source`, renumbered 0..N-1."""
+  source: Any
+  indices: np.ndarray
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self.source[int(self.indices[index])]
+
+  def __getattr__(self, name):
+    # classes(), num_classes(), ... of the whole split; guarded for unpickling.
+    if name in ('source', 'indices') or name.startswith('__'):
+      raise AttributeError(name)
+    return getattr(self.source, name)
+
+
+def holdout_indices(num_examples: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) indices of a split of `num_examples`: round(fraction·N) examples drawn
+  with a fixed seed are held out. Both are sorted (sequential reads stay sequential)."""
+  count = int(round(fraction * num_examples))
+  if not 0 < count < num_examples:
+    raise config_lib.UserError(f'data.holdout_fraction={fraction} holds out {count} of the '
+                               f'{num_examples} training examples; it must leave both parts '
+                               'non-empty')
+  order = np.random.default_rng(HOLDOUT_SEED).permutation(num_examples)
+  return np.sort(order[count:]), np.sort(order[:count])
+
+
+def selection_split(config) -> str:
+  """The split the training loop evaluates (and selects the best checkpoint on): the
+  held-out part of the train split when data.holdout_fraction > 0, else data.eval_split."""
+  return HOLDOUT_SPLIT if config.data.get('holdout_fraction') else config.data.eval_split
+
+
 def make_source(config, split: str):
-  """The random-access source of `split` for `config.data`."""
+  """The random-access source of `split` for `config.data`.
+
+  With data.holdout_fraction > 0 the train split loses its held-out part, which is the
+  split `HOLDOUT_SPLIT`.
+  """
+  fraction = float(config.data.get('holdout_fraction') or 0.0)
+  if split == HOLDOUT_SPLIT and not fraction:
+    raise config_lib.UserError(f'split {HOLDOUT_SPLIT!r} needs data.holdout_fraction > 0 '
+                               '(the value the run was trained with)')
+  if fraction and split in (HOLDOUT_SPLIT, config.data.train_split):
+    source = _make_source(config, config.data.train_split)
+    kept, held_out = holdout_indices(len(source), fraction)
+    return SubsetSource(source, held_out if split == HOLDOUT_SPLIT else kept)
+  return _make_source(config, split)
+
+
+def _make_source(config, split: str):
   data = config.data
   kind, tfds_name = _parse_name(data.name)
   if kind == 'mnist':
@@ -773,12 +830,12 @@ def build_train_iter(config, start_step: int = 0, *, process_index=None,
   return TrainIterator(plan, config.data.get('num_workers', 0), start_step)
 
 
-def build_eval_iter(config, *, process_index=None, process_count=None
+def build_eval_iter(config, *, split=None, process_index=None, process_count=None
                     ) -> Iterator[dict[str, np.ndarray]]:
-  """One fixed-order pass over config.data.eval_split, last batch padded
+  """One fixed-order pass over `split` (default config.data.eval_split), last batch padded
   (mask 0) so every example is counted exactly once across processes."""
   global_batch = config.get('eval_batch_size') or config.batch_size
-  plan = _make_plan(config, config.data.eval_split, global_batch,
+  plan = _make_plan(config, split or config.data.eval_split, global_batch,
                     process_index, process_count)
   batches = grain.MapDataset.range(
       num_eval_batches(len(plan.source), global_batch)).map(

@@ -32,8 +32,8 @@ def plot_runs(runs: dict, path: str) -> str:
 
   Args:
     runs: {label: history}, one colour per run; a single run may have the label ''.
-      In the top-1 panel the line with markers is held-out top-1, the thin one the
-      training-batch top-1.
+      In the top-1 panel the line with markers is held-out top-1 (dashed: of the EMA
+      weights, when the run kept one), the thin one the training-batch top-1.
     path: the PNG to write.
   Returns:
     path.
@@ -51,6 +51,9 @@ def plot_runs(runs: dict, path: str) -> str:
                     label=prefix + 'train batch')
     if evals:
       axes[0, 1].plot(*_column(evals, 'top1'), 'o-', color=color, label=prefix + 'held-out')
+    emas = [r for r in history if r.get('kind') == 'eval_ema']
+    if emas:
+      axes[0, 1].plot(*_column(emas, 'top1'), 's--', color=color, label=prefix + 'held-out, EMA')
     axes[1, 0].plot(*_column(train, 'lr'), color=color, label=label or None)
     axes[1, 1].plot(*_column(train, 'sign_flip_rate'), color=color, label=label or None)
   axes[0, 0].set(title='training loss', xlabel='step')

@@ -54,19 +54,86 @@ class TrainState:
   opt_state: PyTree
   nonfinite_in_row: jnp.ndarray  # int32 scalar
   nonfinite_total: jnp.ndarray  # int32 scalar
+  # Exponential moving averages of params and BatchNorm statistics; {} when config.ema_decay
+  # is 0 (see `ema_update`). The statistics are averaged rather than copied, as timm's
+  # ModelEma (the official --model-ema) averages buffers: the live statistics describe the
+  # live weights' activations, not the average's.
+  ema_params: PyTree = flax.struct.field(default_factory=dict)
+  ema_batch_stats: PyTree = flax.struct.field(default_factory=dict)
 
   def variables(self) -> dict:
     return {'params': self.params, 'batch_stats': self.batch_stats,
             'quant_state': self.quant_state}
 
+  def weights(self) -> dict:
+    """The variables and EMA (what evaluation and export need; no optimizer state)."""
+    return {k: v for k, v in {**self.variables(), 'ema_params': self.ema_params,
+                              'ema_batch_stats': self.ema_batch_stats}.items() if v}
 
-def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
-  """TrainState at step 0 from model variables ({'params', 'batch_stats'?, 'quant_state'?})."""
+  def ema_state(self) -> 'TrainState':
+    """This state with the EMA weights and statistics in place of the live ones (for eval)."""
+    return self.replace(params=self.ema_params, batch_stats=self.ema_batch_stats)
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation,
+                       ema: bool = False) -> TrainState:
+  """TrainState at step 0 from model variables ({'params', 'batch_stats'?, 'quant_state'?});
+  `ema`: start the weight average at these variables."""
   params = variables['params']
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
-  return TrainState(step=zero(), params=params, batch_stats=variables.get('batch_stats', {}),
-                    quant_state=variables.get('quant_state', {}), opt_state=tx.init(params),
-                    nonfinite_in_row=zero(), nonfinite_total=zero())
+  state = TrainState(step=zero(), params=params, batch_stats=variables.get('batch_stats', {}),
+                     quant_state=variables.get('quant_state', {}), opt_state=tx.init(params),
+                     nonfinite_in_row=zero(), nonfinite_total=zero())
+  return reset_ema(state) if ema else state
+
+
+def reset_ema(state: TrainState) -> TrainState:
+  """`state` with its EMA set to (copies of) the live params and BatchNorm statistics."""
+  copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # own buffers: donated
+  return state.replace(ema_params=copy(state.params), ema_batch_stats=copy(state.batch_stats))
+
+
+def ema_update(ema: PyTree, new: PyTree, decay: float) -> PyTree:
+  """decay·ema + (1 − decay)·new, leaf by leaf (timm's ModelEma, which the official
+  `--model-ema` uses)."""
+  return jax.tree_util.tree_map(
+      lambda e, n: (decay * e + (1.0 - decay) * n).astype(e.dtype), ema, new)
+
+
+def accumulate_gradients(loss_and_grads: Callable, params, batch_stats, images, labels, rng,
+                         steps: int):
+  """`loss_and_grads(params, batch_stats, images, labels, rng)` over `steps` micro-batches.
+
+  `loss_and_grads` returns ((loss, (logits, new batch_stats, parts)), grads) of one batch;
+  this returns the same for the whole batch: loss, parts and gradients are the means over the
+  micro-batches (each the mean over its examples, so the whole batch's mean), logits in the
+  batch's row order, BatchNorm statistics updated once per micro-batch in turn (as that many
+  smaller steps of PyTorch would). Micro-batch j holds rows j, j + steps, j + 2·steps, ...,
+  so a batch sharded in row blocks keeps every micro-batch spread over all devices. Dropout
+  keys are `rng` folded with j. `steps == 1` calls `loss_and_grads` once with `rng` itself.
+  """
+  if steps == 1:
+    return loss_and_grads(params, batch_stats, images, labels, rng)
+  if images.shape[0] % steps:
+    raise config_lib.UserError(f'the batch of {images.shape[0]} is not divisible by '
+                               f'grad_accum_steps={steps}')
+  split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+
+  def micro_step(carry, micro):
+    grad_sum, stats = carry
+    index, micro_images, micro_labels = micro
+    (loss, (logits, stats, parts)), grads = loss_and_grads(
+        params, stats, micro_images, micro_labels, jax.random.fold_in(rng, index))
+    grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+    return (grad_sum, stats), (loss, logits, parts)
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  (grad_sum, batch_stats), (loss, logits, parts) = jax.lax.scan(
+      micro_step, (zeros, batch_stats), (jnp.arange(steps), split(images), split(labels)))
+  mean = lambda tree: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), tree)
+  logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])  # back to row order
+  grads = jax.tree_util.tree_map(lambda g: g / steps, grad_sum)
+  return (jnp.mean(loss), (logits, batch_stats, mean(parts))), grads
 
 
 def sign_flip_rate(old_params: PyTree, new_params: PyTree, mask: PyTree):
@@ -88,30 +155,31 @@ def _all_finite(tree):
 
 def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
                     lr_fn: Callable, beta_fn: Callable, reg_in_loss: bool = False,
-                    teacher_model=None) -> Callable:
+                    teacher_model=None, ema_decay: float = 0.0,
+                    grad_accum_steps: int = 1) -> Callable:
   """Builds the pure `train_step(state, batch, rng[, teacher_variables]) -> (state, metrics)`.
 
-  `batch` is {'image': [B, H, W, 3] float, 'label': [B] int}; `rng` is the run's base key,
-  folded with the step so dropout keys depend only on (seed, step). A step whose loss,
-  gradients, new params, statistics or optimizer state are not finite leaves all of them
-  unchanged. The schedules (lr, β) follow the applied updates, `step - nonfinite_total`: a
-  skipped step leaves the optimizer's counts where they were, so the loss's β and the logged
-  lr and β are the ones the optimizer applies.
+  `batch` is {'image': [B, H, W, 3] float, 'label': [B] int, 'target'?: [B, K] soft targets
+  of mixup/cutmix}; `rng` is the run's base key, folded with the step so dropout keys depend
+  only on (seed, step). A step whose loss, gradients, new params, statistics or optimizer
+  state are not finite leaves all of them (and the EMA) unchanged. The schedules (lr, β)
+  follow the applied updates, `step - nonfinite_total`: a skipped step leaves the optimizer's
+  counts where they were, so the loss's β and the logged lr and β are the ones the optimizer
+  applies. `ema_decay` > 0 updates the state's EMA after every applied step (`ema_update`);
+  `grad_accum_steps` > 1 splits the batch into that many micro-batches whose gradients are
+  averaged into one optimizer update (`accumulate_gradients`).
   """
-  def train_step(state: TrainState, batch, rng, teacher_variables=None):
-    images, labels = batch['image'], batch['label']
-    targets = batch.get('target', labels)  # soft [B, K] when mixup/cutmix are on
+  def loss_and_grads(params, batch_stats, images, targets, dropout_rng, quant_state, applied,
+                     teacher_variables):
     teacher_logits = None
     if teacher_model is not None:
       teacher_logits = jax.lax.stop_gradient(
           teacher_model.apply(teacher_variables, images, train=False)).astype(jnp.float32)
-    dropout_rng = jax.random.fold_in(rng, state.step)
-    applied = state.step - state.nonfinite_total  # == the optimizer's update count
 
     def loss_fn(params):
-      variables = {'params': params, 'batch_stats': state.batch_stats}
-      if state.quant_state:
-        variables['quant_state'] = state.quant_state
+      variables = {'params': params, 'batch_stats': batch_stats}
+      if quant_state:
+        variables['quant_state'] = quant_state
       logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
                                     rngs={'dropout': dropout_rng})
       loss, parts = losses.total_loss(
@@ -120,9 +188,17 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
       if reg_in_loss:
         loss = loss + beta_fn(applied) * losses.oscillation_regularizer(params)
       return loss, (logits, updates.get('batch_stats', {}), parts)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+  def train_step(state: TrainState, batch, rng, teacher_variables=None):
+    images, labels = batch['image'], batch['label']
+    dropout_rng = jax.random.fold_in(rng, state.step)
+    applied = state.step - state.nonfinite_total  # == the optimizer's update count
+    (loss, (logits, batch_stats, parts)), grads = accumulate_gradients(
+        functools.partial(loss_and_grads, quant_state=state.quant_state, applied=applied,
+                          teacher_variables=teacher_variables),
+        state.params, state.batch_stats, images, batch.get('target', labels), dropout_rng,
+        grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A NaN lr or a bad optimizer state passes the loss and gradients: check what is kept.
@@ -135,6 +211,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
         batch_stats=keep(batch_stats, state.batch_stats),
         opt_state=keep(opt_state, state.opt_state), nonfinite_in_row=in_row,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    if ema_decay:
+      new_state = new_state.replace(
+          ema_params=keep(ema_update(state.ema_params, new_state.params, ema_decay),
+                          state.ema_params),
+          ema_batch_stats=keep(ema_update(state.ema_batch_stats, new_state.batch_stats,
+                                          ema_decay), state.ema_batch_stats))
     metrics = {
         'step': state.step, 'loss': loss, 'ce': parts['ce'], 'kd': parts['kd'],
         'reg': losses.oscillation_regularizer(state.params), 'lr': lr_fn(applied),
@@ -174,8 +256,20 @@ def build_train_step(config, *, total_steps: int, steps_per_epoch: int,
       reg_in_optimizer=not reg_in_loss)
   teacher_model, teacher_variables = teachers.build(config)
   step = make_train_step(model, tx, loss_config=config.loss, lr_fn=lr_fn, beta_fn=beta_fn,
-                         reg_in_loss=reg_in_loss, teacher_model=teacher_model)
+                         reg_in_loss=reg_in_loss, teacher_model=teacher_model,
+                         **research_options(config))
   return Recipe(model, tx, lr_fn, beta_fn, teacher_model, teacher_variables, step)
+
+
+def research_options(config) -> dict:
+  """make_train_step's `ema_decay` and `grad_accum_steps` of `config`, checked."""
+  decay, accum = float(config.get('ema_decay', 0.0)), int(config.get('grad_accum_steps', 1))
+  if not 0.0 <= decay < 1.0:
+    raise config_lib.UserError(f'config.ema_decay={decay} must be in [0, 1) (0: no EMA)')
+  if accum < 1 or config.batch_size % accum:
+    raise config_lib.UserError(f'config.grad_accum_steps={accum} must be >= 1 and divide '
+                               f'batch_size={config.batch_size}')
+  return {'ema_decay': decay, 'grad_accum_steps': accum}
 
 
 def make_eval_logits(model) -> Callable:
@@ -330,7 +424,8 @@ def _calibrate(model, state: TrainState, images) -> TrainState:
   """The non-gsb quantizers' first-batch calibration (docs/reference.md §2) before the first step."""
   calibrated, _ = jax.jit(functools.partial(model_lib.calibrate, model))(
       state.variables(), images)
-  return state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
+  state = state.replace(params=calibrated['params'], quant_state=calibrated['quant_state'])
+  return reset_ema(state) if state.ema_params else state
 
 
 def _periodic_eval_missing(config, history, step, total_steps) -> bool:
@@ -386,7 +481,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
   variables = model_lib.init_variables(model, init_rng)
   if config.get('init_from'):
     variables = ckpt_lib.load_any(config.init_from, model, variables, adapt=True)
-  state = create_train_state(variables, tx)
+  state = create_train_state(variables, tx, ema=bool(config.get('ema_decay')))
   state_shardings = sharding_lib.tree_shardings(mesh, state)
   teacher_shardings = sharding_lib.tree_shardings(mesh, teacher_variables)
   replicated, batch_sharding = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
@@ -403,15 +498,23 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
                       out_shardings=replicated)
   put_batch = functools.partial(sharding_lib.global_batch, mesh)
   eval_batches = lambda: map(put_batch, data_lib.build_eval_iter(
-      config, process_index=eval_block[0], process_count=eval_block[1]))
+      config, split=data_lib.selection_split(config), process_index=eval_block[0],
+      process_count=eval_block[1]))
   writer = metrics_lib.MetricsWriter(workdir, history, active=primary)
+  best = ckpt_lib.BestCheckpoint(os.path.join(workdir, ckpt_lib.BEST_DIR),
+                                 enabled=config.get('keep_best_checkpoint', True))
 
   def evaluate_unless_stopped(stop):
     """The eval record, written; None when a stop cut the evaluation short (not written)."""
     result = evaluate(eval_step, state, _stop_after(stop, eval_batches()))
+    ema_result = state.ema_params and evaluate(eval_step, state.ema_state(),
+                                               _stop_after(stop, eval_batches()))
     if stop.stopped:
       return None
     writer.write({'kind': 'eval', 'step': int(state.step), **result})
+    if ema_result:
+      writer.write({'kind': 'eval_ema', 'step': int(state.step), **ema_result})
+    best.update(int(state.step), result['top1'], state.weights())
     return result
 
   def save():
@@ -481,6 +584,7 @@ def train_and_evaluate(config, workdir: str, *, mesh=None,
       save()
       summary['top1'] = result and result['top1']
     checkpoints.close()  # waits for the last write, still under the stop handler
+    best.close()
   writer.close()
   if primary:
     summary['plot'] = plots.plot_runs({'': writer.history},

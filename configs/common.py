@@ -28,6 +28,10 @@ def get_config(variant: str = 'tiny'):
   config.max_nonfinite_in_row = 20
   # Resuming with other trajectory keys (bhvit_jax.run_identity) is refused unless True.
   config.allow_config_change = False
+  # Research knobs (README "Research recipes"), all off in the published recipe.
+  config.ema_decay = 0.0  # EMA of weights and BatchNorm statistics; 0: off (official: 0.99996)
+  config.grad_accum_steps = 1  # micro-batches per optimizer update (batch_size is the total)
+  config.keep_best_checkpoint = True  # WORKDIR/checkpoints_best: the best evaluation's weights
 
   config.data = ml_collections.ConfigDict(dict(
       name='tfds:imagenet2012', data_dir='', image_size=224, train_split='train',
@@ -38,7 +42,10 @@ def get_config(variant: str = 'tiny'):
       # reduced scale (faster, other pixels).
       eval_interpolation='bicubic', train_interpolation='bilinear', eval_crop_ratio=224 / 256,
       fast_decode=False,
-      digits=()))  # the embedded MNIST only: keep these digits, relabelled 0.. in this order
+      digits=(),  # the embedded MNIST only: keep these digits, relabelled 0.. in this order
+      # > 0: evaluate during training (and pick the best checkpoint) on this fraction of the
+      # train split, held out from training (fixed seed), instead of on eval_split.
+      holdout_fraction=0.0))
 
   config.model = ml_collections.ConfigDict(dict(
       **model_lib.variant(variant), num_classes=1000, image_size=224, patch_size=4,

@@ -314,3 +314,11 @@ def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_f
                                                   variables), pixels.astype(np.float64)))
   for row, mine, ref in zip(rows, got, want.numpy()):
     assert np.linalg.norm(mine - ref) <= 1e-9 * np.linalg.norm(ref), row['path']
+
+
+def test_evaluate_ema_of_a_run_without_ema_is_one_user_error(tiny, evaluate_tool):
+  _, config, _, _, _, paths = tiny
+  with pytest.raises(config_lib.UserError, match='holds no EMA weights.*ema_decay=0'):
+    evaluate_tool.evaluate_checkpoint(config, paths['orbax'], ema=True)
+  with pytest.raises(config_lib.UserError, match='has no checkpoints_best/'):
+    evaluate_tool.evaluate_checkpoint(config, paths['orbax'] + ':best')

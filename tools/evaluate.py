@@ -8,11 +8,13 @@ r"""Top-1, top-5 and mean cross-entropy of a checkpoint on one split of the conf
   python tools/evaluate.py --config configs/bhvit_tiny.py --checkpoint BHViT_tiny.pth \
       --data /data/imagenet/val --predictions val_predictions.jsonl
 
---checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train`, a `.msgpack` of
-Flax variables, a PyTorch `.pth`/`.pt` (or numpy `.npz`) state dict of the official BHViT, or a
-bit-packed file of tools/export_packed.py (any other name; evaluated with the XNOR-popcount
-inference, the fastest on CPU). --split: 'eval' (the config's data.eval_split, default), 'train'
-(data.train_split, with the eval transform) or a split name. It uses the training loop's
+--checkpoint: an orbax run (or checkpoints) directory of `bhvit_jax.train` (`WORKDIR:<step>`,
+`WORKDIR:best` for the best evaluation's weights; `--ema` reads the run's EMA weights), a
+`.msgpack` of Flax variables, a PyTorch `.pth`/`.pt` (or numpy `.npz`) state dict of the
+official BHViT, or a bit-packed file of tools/export_packed.py (any other name; evaluated with
+the XNOR-popcount inference, the fastest on CPU). --split: 'eval' (the config's
+data.eval_split, default), 'train' (data.train_split, with the eval transform), 'holdout' (the
+part of the train split that data.holdout_fraction held out) or a split name. It uses the training loop's
 evaluation (train.eval_sums / train.evaluate) and the config's eval transform (the reference's:
 bicubic resize to int(S / data.eval_crop_ratio), centre crop).
 
@@ -45,9 +47,9 @@ from bhvit_jax import train
 
 def define_flags(flag_values, argv):
   cli.define_config(flag_values, argv)
-  flags.DEFINE_string('checkpoint', None, 'run directory, WORKDIR:<step>, .msgpack, '
-                      '.pth/.pt/.npz or packed file', flag_values=flag_values)
-  flags.DEFINE_string('split', 'eval', "'eval', 'train' or a split name",
+  flags.DEFINE_string('checkpoint', None, 'run directory, WORKDIR:<step>, WORKDIR:best, '
+                      '.msgpack, .pth/.pt/.npz or packed file', flag_values=flag_values)
+  flags.DEFINE_string('split', 'eval', "'eval', 'train', 'holdout' or a split name",
                       flag_values=flag_values)
   flags.DEFINE_integer('batch_size', 0, 'evaluation batch (0: config.batch_size)',
                        lower_bound=0, flag_values=flag_values)
@@ -57,6 +59,8 @@ def define_flags(flag_values, argv):
                       'the config data set)', flag_values=flag_values)
   flags.DEFINE_string('predictions', '', 'write per-image logits (JSON lines)',
                       flag_values=flag_values)
+  flags.DEFINE_bool('ema', False, "evaluate the run's EMA weights (config.ema_decay > 0)",
+                    flag_values=flag_values)
   flags.mark_flags_as_required(['config', 'checkpoint'], flag_values=flag_values)
 
 
@@ -65,16 +69,19 @@ def split_name(config, split: str) -> str:
 
 
 def evaluate_checkpoint(config, checkpoint: str, split: str = 'eval', batch_size: int = 0,
-                        data_dir: str = '', predictions: str = '') -> dict:
+                        data_dir: str = '', predictions: str = '', ema: bool = False) -> dict:
   """{'top1', 'top5' (%), 'loss', 'examples', 'skipped', 'split', 'checkpoint'} of
   `checkpoint` on `split` of the config's data set, or on the image folder `data_dir`;
-  `predictions`: path of the per-image JSON lines to write."""
+  `predictions`: path of the per-image JSON lines to write; `ema`: the run's EMA weights."""
   config = eval_config(config, split, batch_size, data_dir)
   if ckpt_lib.is_packed_file(checkpoint):
+    if ema:
+      raise config_lib.UserError(f'--ema: {checkpoint} is a packed file; export it with '
+                                 'export_packed.py --ema')
     model, state = packed.load(checkpoint)
     logits_fn = functools.partial(packed.apply, model)
   else:
-    model, state = _float_model_state(config, checkpoint)
+    model, state = _float_model_state(config, checkpoint, ema)
     logits_fn = train.make_eval_logits(model)
   _check_data(config, model)
   source = data_lib.make_source(config, config.data.eval_split)
@@ -93,7 +100,8 @@ def eval_config(config, split: str, batch_size: int, data_dir: str):
     if data_dir:
       if not os.path.isdir(data_dir):
         raise config_lib.UserError(f'--data {data_dir!r} is not a directory')
-      config.data.update(name='folder', data_dir=data_dir, train_split='', eval_split='')
+      config.data.update(name='folder', data_dir=data_dir, train_split='', eval_split='',
+                         holdout_fraction=0.0)
     if batch_size:
       config.eval_batch_size = batch_size
   return config
@@ -148,9 +156,9 @@ class _PredictionWriter:
       self._file.write(json.dumps(record) + '\n')
 
 
-def _float_model_state(config, checkpoint: str):
+def _float_model_state(config, checkpoint: str, ema: bool):
   model = model_lib.build(config.model, config.compute_dtype)
-  variables = ckpt_lib.load_any(checkpoint, model)
+  variables = ckpt_lib.load_any(checkpoint, model, ema=ema)
   # The variables travel as jit arguments (inside the state): closing over them would let XLA
   # constant-fold the binarization, whose rounding can flip signs.
   return model, train.create_train_state(variables, optax.identity())
@@ -179,7 +187,7 @@ def run_evaluation(f, argv):
     if path:
       cli.check_output(path, flag)  # before the evaluation, not after
   result = evaluate_checkpoint(f.config, f.checkpoint, f.split, f.batch_size, f.data,
-                               f.predictions)
+                               f.predictions, f.ema)
   print(format_table(result))
   if f.predictions:
     print(f'wrote {f.predictions}')

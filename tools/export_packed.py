@@ -5,12 +5,12 @@ r"""Exports a BHViT to the bit-packed deployable format (bhvit_jax.packed) and c
   python tools/export_packed.py --variant small --out small.pk --benchmark_batch 16
 
 Variables come from --checkpoint (anything `checkpoint.load_any` reads: a run directory,
-WORKDIR:<step>, .msgpack, .pth/.pt/.npz), from the case fixture (--fixture, its model and
-inputs), or a random init. The model is --config's, else --variant (a size of
-`model.VARIANTS`) updated by --model-json. Prints the file size next to the float32
-checkpoint and the theoretical size (binarized/8 + full precision·4 bytes), the relative error
-of the packed eval logits against the float model's, and optionally eval images/s of both.
-The last line is a JSON object of these numbers.
+WORKDIR:<step>, WORKDIR:best, .msgpack, .pth/.pt/.npz; --ema takes the run's EMA weights), from
+the case fixture (--fixture, its model and inputs), or a random init. The model is --config's,
+else --variant (a size of `model.VARIANTS`) updated by --model-json. Prints the file size next
+to the float32 checkpoint and the theoretical size (binarized/8 + full precision·4 bytes), the
+relative error of the packed eval logits against the float model's, and optionally eval
+images/s of both. The last line is a JSON object of these numbers.
 """
 import json
 import sys
@@ -31,11 +31,14 @@ from bhvit_jax import reference
 def define_flags(flag_values, argv):
   cli.define_model_flags(flag_values, argv)
   for name, default, text in (
-      ('checkpoint', '', 'run directory, WORKDIR:<step>, .msgpack or .pth/.pt/.npz'),
+      ('checkpoint', '', 'run directory, WORKDIR:<step>, WORKDIR:best, .msgpack or '
+                         '.pth/.pt/.npz'),
       ('fixture', '', 'reference case .npz: its model, state and input'),
       ('out', None, 'packed output file')):
     flags.DEFINE_string(name, default, text, flag_values=flag_values)
   flags.mark_flag_as_required('out', flag_values=flag_values)
+  flags.DEFINE_bool('ema', False, "export the run's EMA weights (config.ema_decay > 0)",
+                    flag_values=flag_values)
   flags.DEFINE_bool('fp16', False, 'store the full-precision parts as float16',
                     flag_values=flag_values)
   flags.DEFINE_integer('benchmark_batch', 0, 'measure eval images/s at this batch (0: off)',
@@ -52,7 +55,7 @@ def load_variables(f):
   key = jax.random.PRNGKey(f.seed)
   images = jax.random.normal(key, (2, model.image_size, model.image_size, 3), jnp.float32)
   if f.checkpoint:
-    return model, checkpoint.load_any(f.checkpoint, model), images
+    return model, checkpoint.load_any(f.checkpoint, model, ema=f.ema), images
   return model, model_lib.init_variables(model, key), images
 
 
