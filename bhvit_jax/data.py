@@ -35,8 +35,9 @@ from PIL import Image
 
 from bhvit_jax import config_lib
 # The eval preprocessing lives in the JAX-free module; its names stay importable from here.
-from bhvit_jax.transforms import (INTERPOLATIONS, NO_RESIZE_MAX, as_pil, decode_image,
-                                  eval_transform, normalize, resample_filter, to_rgb)
+from bhvit_jax.transforms import (IMAGE_EXTENSIONS, INTERPOLATIONS, NO_RESIZE_MAX, as_pil,
+                                  decode_image, eval_transform, normalize, resample_filter,
+                                  to_rgb)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,8 +49,6 @@ MNIST_SPLIT_SEED = 20240229
 EVAL_CROP_RATIO = 224 / 256
 CROP_RATIO = (3 / 4, 4 / 3)
 LABELS_FILE = 'labels.json'
-# torchvision's ImageFolder list (compared lower-case).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 _SHARD_NAME = re.compile(r'-(\d{5})-of-(\d{5})$')
 _RECORD_HEADER = struct.Struct('<i')
 # Corrupt records are replaced by the next readable one; give up after this.

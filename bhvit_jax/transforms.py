@@ -9,6 +9,8 @@ import io
 import numpy as np
 from PIL import Image
 
+# torchvision's ImageFolder list (compared lower-case).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 INTERPOLATIONS = {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR,
                   'bicubic': Image.BICUBIC, 'lanczos': Image.LANCZOS, 'box': Image.BOX,
                   'hamming': Image.HAMMING}
