@@ -62,7 +62,7 @@ def read_sidecar(artifact: str) -> dict:
 
 def _check_runtime(artifact: str, meta: dict):
   """IREE modules are not portable across IREE releases or CPU architectures."""
-  compiled = meta['versions'].get(COMPILER_PACKAGE, '')
+  compiled = meta.get('versions', {}).get(COMPILER_PACKAGE, '')
   try:
     installed = importlib.metadata.version(RUNTIME_PACKAGE)
   except importlib.metadata.PackageNotFoundError:
@@ -79,12 +79,10 @@ def _check_runtime(artifact: str, meta: dict):
 class Model:
   """A loaded artifact: `predict_logits(images)` on preprocessed images, `preprocess(image)`."""
 
-  def __init__(self, artifact: str, threads: int = 0):
+  def __init__(self, artifact: str):
     self.meta = read_sidecar(artifact)
     _check_runtime(artifact, self.meta)
     import iree.runtime as ireert  # pylint: disable=g-import-not-at-top  (checked above)
-    if threads:
-      ireert.flags.parse_flags(f'--task_topology_max_group_count={threads}')
     with open(artifact, 'rb') as f:
       data = f.read()
     try:

@@ -25,15 +25,14 @@ def parse_args(argv):
   parser.add_argument('--images', required=True, nargs='+', help='image files or directories')
   parser.add_argument('--top', type=int, default=5, help='classes shown per image')
   parser.add_argument('--out', default='', help='also write JSON lines here')
-  parser.add_argument('--threads', type=int, default=0, help='runtime threads (0: all cores)')
   return parser.parse_args(argv)
 
 
-def predict(artifact: str, images, top: int = 5, threads: int = 0) -> list:
+def predict(artifact: str, images, top: int = 5) -> list:
   """[{'path', 'top': [[class, probability], ...], 'logits'}] for the image files/dirs."""
   if top < 1:
     raise deploy_runtime.DeployError(f'--top must be at least 1, not {top}')
-  model = deploy_runtime.Model(artifact, threads)
+  model = deploy_runtime.Model(artifact)
   files = deploy_runtime.image_files(images)
   batch = np.stack([model.preprocess(deploy_runtime.load_image(f)) for f in files])
   logits = model.predict_logits(batch)
@@ -63,7 +62,7 @@ def write_jsonl(results, path: str):
 def main(argv=None):
   args = parse_args(argv)
   try:
-    results = predict(args.artifact, args.images, args.top, args.threads)
+    results = predict(args.artifact, args.images, args.top)
     if args.out:
       write_jsonl(results, args.out)
   except (deploy_runtime.DeployError, OSError) as e:
