@@ -154,7 +154,10 @@ def window_merge(x, w, b, h, wd):
 def pool_global_tokens(x, w, a1):
   """`a1·maxpool + (1−a1)·avgpool` (kernel = stride = w, padding w//2) -> `[B, G·G, C]`."""
   p = w // 2
-  mx = nn.max_pool(x, (w, w), strides=(w, w), padding=((p, p),) * 2)
+  # Padding with -inf before the pool, not inside it: IREE cannot compile a padded
+  # reduce-window (tools/export_deploy.py).
+  mx = nn.max_pool(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf),
+                   (w, w), strides=(w, w))
   b, gh, gw, c = mx.shape
   # The average (zero padding counted) as a sum over a `[B, G, w, G, w, C]` view: its gradient
   # is a broadcast, where a reduce-window's is another reduce-window (~10 ms per stage-3 block
