@@ -154,17 +154,21 @@ def window_merge(x, w, b, h, wd):
 def pool_global_tokens(x, w, a1):
   """`a1·maxpool + (1−a1)·avgpool` (kernel = stride = w, padding w//2) -> `[B, G·G, C]`."""
   p = w // 2
-  # Padding with -inf before the pool, not inside it: IREE cannot compile a padded
-  # reduce-window (tools/export_deploy.py).
-  mx = nn.max_pool(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf),
-                   (w, w), strides=(w, w))
-  b, gh, gw, c = mx.shape
-  # The average (zero padding counted) as a sum over a `[B, G, w, G, w, C]` view: its gradient
-  # is a broadcast, where a reduce-window's is another reduce-window (~10 ms per stage-3 block
-  # of BHViT-tiny's training step on CPU).
-  xp = jnp.pad(x, ((0, 0), (p, max(0, gh * w - x.shape[1] - p)),
-                   (p, max(0, gw * w - x.shape[2] - p)), (0, 0)))[:, :gh * w, :gw * w]
-  avg = jnp.sum(xp.reshape(b, gh, w, gw, w, c), axis=(2, 4)) / (w * w)
+  b, h, wd, c = x.shape
+  gh, gw = (h + 2 * p - w) // w + 1, (wd + 2 * p - w) // w + 1
+
+  def windows(pad_value):
+    """The padded input as a `[B, G, w, G, w, C]` view of its pooling windows."""
+    xp = jnp.pad(x, ((0, 0), (p, max(0, gh * w - h - p)), (p, max(0, gw * w - wd - p)), (0, 0)),
+                 constant_values=pad_value)
+    return xp[:, :gh * w, :gw * w].reshape(b, gh, w, gw, w, c)
+
+  # Reductions over a view rather than reduce-windows: the gradient is a broadcast, where a
+  # reduce-window's is another reduce-window (~10 ms per stage-3 block of BHViT-tiny's
+  # training step on CPU), and IREE cannot compile a strided, padded reduce-window
+  # (tools/export_deploy.py). The average counts the zero padding.
+  mx = jnp.max(windows(-jnp.inf), axis=(2, 4))
+  avg = jnp.sum(windows(0), axis=(2, 4)) / (w * w)
   a1 = a1.astype(x.dtype)
   pooled = a1 * mx + (1.0 - a1) * avg
   return pooled.reshape(b, -1, c)
