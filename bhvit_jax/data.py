@@ -19,7 +19,6 @@ S×S with `train_interpolation` (bilinear) and flips half of the images.
 
 import dataclasses
 import functools
-import io
 import json
 import logging
 import math
@@ -36,6 +35,10 @@ from PIL import Image
 
 from bhvit_jax import augment as augment_lib
 from bhvit_jax import config_lib
+# The eval preprocessing lives in the JAX-free module; its names stay importable from here.
+from bhvit_jax.transforms import (IMAGE_EXTENSIONS, INTERPOLATIONS, NO_RESIZE_MAX, as_pil,
+                                  decode_image, eval_transform, normalize, resample_filter,
+                                  to_rgb)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,11 +50,6 @@ MNIST_SPLIT_SEED = 20240229
 EVAL_CROP_RATIO = 224 / 256
 CROP_RATIO = (3 / 4, 4 / 3)
 LABELS_FILE = 'labels.json'
-# torchvision's ImageFolder list (compared lower-case).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-INTERPOLATIONS = {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR,
-                  'bicubic': Image.BICUBIC, 'lanczos': Image.LANCZOS, 'box': Image.BOX,
-                  'hamming': Image.HAMMING}
 _SHARD_NAME = re.compile(r'-(\d{5})-of-(\d{5})$')
 _RECORD_HEADER = struct.Struct('<i')
 # Corrupt records are replaced by the next readable one; give up after this.
@@ -87,32 +85,6 @@ def encode_record(image_bytes: bytes, label: int) -> bytes:
 def decode_record(record: bytes) -> tuple[bytes, int]:
   (label,) = _RECORD_HEADER.unpack_from(record)
   return record[_RECORD_HEADER.size:], label
-
-
-def decode_image(data: bytes, draft_size: int = 0) -> Image.Image:
-  """Encoded image bytes -> RGB PIL image, converted as the reference's loader does
-  (`.convert('RGB')`; EXIF orientation is not applied).
-
-  draft_size > 0 lets a JPEG decode at a reduced scale whose sides stay >= draft_size
-  (faster, other pixels: data.fast_decode).
-  """
-  img = Image.open(io.BytesIO(data))
-  if draft_size:
-    img.draft('RGB', (draft_size, draft_size))
-  img.load()
-  return img if img.mode == 'RGB' else img.convert('RGB')
-
-
-def to_rgb(image: np.ndarray) -> np.ndarray:
-  """uint8 [H, W] or [H, W, 1|3] -> uint8 [H, W, 3]."""
-  image = np.asarray(image, dtype=np.uint8)
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f'expected an [H, W, 1|3] image, got shape {image.shape}')
-  return image
 
 
 # ----------------------------------------------------------------- sources ---
@@ -358,9 +330,6 @@ def _parse_name(name: str) -> tuple[str, str]:
                              "'folder' or 'tfds:<name>'")
 
 
-NO_RESIZE_MAX = 32
-
-
 def eval_resize_size(config) -> int:
   """Shorter side before the eval centre crop: int(S / eval_crop_ratio) (256 for S = 224)."""
   ratio = config.data.get('eval_crop_ratio', EVAL_CROP_RATIO)
@@ -498,17 +467,6 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _as_pil(image) -> Image.Image:
-  return image if isinstance(image, Image.Image) else Image.fromarray(to_rgb(image))
-
-
-def _filter(interpolation: str):
-  if interpolation not in INTERPOLATIONS:
-    raise config_lib.UserError(f'unknown interpolation {interpolation!r}; expected one of '
-                               f'{sorted(INTERPOLATIONS)}')
-  return INTERPOLATIONS[interpolation]
-
-
 def train_transform(image, rng: np.random.Generator, image_size: int,
                     scale: tuple[float, float], flip: bool,
                     interpolation: str = 'bilinear') -> np.ndarray:
@@ -517,43 +475,14 @@ def train_transform(image, rng: np.random.Generator, image_size: int,
   The box is cropped before resizing, as torchvision does: PIL's resize(box=...) would
   also read the pixels just outside the box.
   """
-  img = _as_pil(image)
+  img = as_pil(image)
   top, left, h, w = random_resized_crop_box(rng, img.height, img.width, scale)
   crop = img.crop((left, top, left + w, top + h)).resize(
-      (image_size, image_size), _filter(interpolation))
+      (image_size, image_size), resample_filter(interpolation))
   out = np.asarray(crop)
   if flip and rng.random() < 0.5:
     out = out[:, ::-1]
   return out
-
-
-def eval_transform(image, image_size: int, resize_size: int,
-                   interpolation: str = 'bicubic') -> np.ndarray:
-  """PIL image or uint8 [H, W, 3] -> shorter side resized to `resize_size` (the longer one
-  truncated, as torchvision's Resize), centre crop uint8 [S, S, 3] (resize_size >= S).
-
-  As the reference, S×S inputs at S <= 32 (CIFAR-sized) are used as they are: no resize, no
-  crop. (The reference cannot batch other sizes there; they take the usual path.)
-  """
-  img = _as_pil(image)
-  if image_size <= NO_RESIZE_MAX and img.size == (image_size, image_size):
-    return np.asarray(img)
-  width, height = img.size
-  if width <= height:
-    size = resize_size, int(resize_size * height / width)
-  else:
-    size = int(resize_size * width / height), resize_size
-  if size != img.size:
-    img = img.resize(size, _filter(interpolation))
-  top = int(round((size[1] - image_size) / 2))
-  left = int(round((size[0] - image_size) / 2))
-  return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
-
-
-def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-  """uint8 [..., 3] -> float32 ((x / 255) - mean) / std."""
-  return ((images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
-          / np.asarray(std, np.float32))
 
 
 # --------------------------------------------------------------- indexing ---

@@ -154,13 +154,25 @@ def window_merge(x, w, b, h, wd):
 def pool_global_tokens(x, w, a1):
   """`a1·maxpool + (1−a1)·avgpool` (kernel = stride = w, padding w//2) -> `[B, G·G, C]`."""
   p = w // 2
-  mx = nn.max_pool(x, (w, w), strides=(w, w), padding=((p, p),) * 2)
-  b, gh, gw, c = mx.shape
-  # The average (zero padding counted) as a sum over a `[B, G, w, G, w, C]` view: its gradient
-  # is a broadcast, where a reduce-window's is another reduce-window.
-  xp = jnp.pad(x, ((0, 0), (p, max(0, gh * w - x.shape[1] - p)),
-                   (p, max(0, gw * w - x.shape[2] - p)), (0, 0)))[:, :gh * w, :gw * w]
-  avg = jnp.sum(xp.reshape(b, gh, w, gw, w, c), axis=(2, 4)) / (w * w)
+  b, h, wd, c = x.shape
+  gh, gw = (h + 2 * p - w) // w + 1, (wd + 2 * p - w) // w + 1
+
+  def windows(pad_value):
+    """The padded input as `[B, G, G, C, w·w]`: each pooling window's values in row order."""
+    xp = jnp.pad(x, ((0, 0), (p, max(0, gh * w - h - p)), (p, max(0, gw * w - wd - p)), (0, 0)),
+                 constant_values=pad_value)
+    view = xp[:, :gh * w, :gw * w].reshape(b, gh, w, gw, w, c)
+    return view.transpose(0, 1, 3, 5, 2, 4).reshape(b, gh, gw, c, w * w)
+
+  # Reductions over a view rather than reduce-windows: the average's gradient is a broadcast,
+  # where a reduce-window's is another reduce-window, and IREE cannot compile a strided, padded
+  # reduce-window (tools/export_deploy.py). The max is taken at the window's first maximum in
+  # row order, so at ties its gradient goes to one element as PyTorch's max-pool sends it; the
+  # average counts the zero padding.
+  values = windows(-jnp.inf)
+  first = jnp.argmax(values, axis=-1)[..., None]
+  mx = jnp.take_along_axis(values, first, axis=-1)[..., 0]
+  avg = jnp.sum(windows(0), axis=-1) / (w * w)
   a1 = a1.astype(x.dtype)
   pooled = a1 * mx + (1.0 - a1) * avg
   return pooled.reshape(b, -1, c)

@@ -328,6 +328,11 @@ def test_global_token_pooling_matches_reduce_window(x64, size, window):
   for got, want in zip(jax.grad(loss(view), (0, 1))(x, a1),
                        jax.grad(loss(reduce_window), (0, 1))(x, a1)):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  # At ties (here every value) the max's gradient goes to one element per window, the first
+  # in row order, as PyTorch's max-pool and XLA's reduce-window send it.
+  ties = jnp.ones_like(x)
+  np.testing.assert_array_equal(jax.grad(loss(view))(ties, a1),
+                                jax.grad(loss(reduce_window))(ties, a1))
 
 
 def _grouped_convs(config_path, *overrides):

@@ -1,0 +1,142 @@
+"""Runs a BHViT exported by tools/export_deploy.py with numpy, PIL and IREE's runtime only.
+
+An artifact is a compiled IREE module (`model.vmfb`, one entry `main`: float32 images
+`[batch, S, S, 3]`, normalised -> float32 logits `[batch, classes]`) and its JSON sidecar
+`model.vmfb.json`, whose keys are:
+- `format` (`FORMAT`), `runtime` ('iree'), `target` ('host', 'x86_64' or 'aarch64'), `batch`;
+- `image_size`, `resize_size`, `interpolation`, `mean`, `std`: the evaluation preprocessing
+  (`bhvit_jax.transforms`), so the artifact sees the pixels tools/evaluate.py feeds the model;
+- `num_classes`, `class_names` (null when the data set names none), `weights` (how they are
+  stored), `checkpoint`, `checkpoint_sha256`, `versions` (the producing packages).
+
+Nothing here imports JAX or Flax: the module is meant for devices that have neither. Errors
+in what the user gives (an artifact, an image) raise `DeployError` with a one-line message;
+it is a ValueError, as the project's `config_lib.UserError`, which needs absl.
+"""
+import importlib.metadata
+import json
+import os
+import platform
+
+import numpy as np
+
+from bhvit_jax import transforms
+
+FORMAT = 'bhvit-deploy-v1'
+RUNTIME_PACKAGE = 'iree-base-runtime'
+COMPILER_PACKAGE = 'iree-base-compiler'
+# The machine names (platform.machine()) each target's code runs on; 'host' means the exporter's.
+TARGET_MACHINES = {'x86_64': ('x86_64', 'AMD64'), 'aarch64': ('aarch64', 'arm64')}
+
+
+class DeployError(ValueError):
+  """A bad artifact or input image: reported as one `error:` line."""
+
+
+def sidecar_path(artifact: str) -> str:
+  return artifact + '.json'
+
+
+def _minor(version: str) -> str:
+  return '.'.join(version.split('.')[:2])
+
+
+def read_sidecar(artifact: str) -> dict:
+  """The checked sidecar of `artifact`."""
+  path = sidecar_path(artifact)
+  if not os.path.isfile(artifact):
+    raise DeployError(f'artifact not found: {artifact}')
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise DeployError(f'{artifact} has no sidecar {path} (export writes both)') from None
+  except (OSError, ValueError) as e:
+    raise DeployError(f'{path} is not a readable sidecar: {e}') from None
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    found = meta.get('format') if isinstance(meta, dict) else None
+    raise DeployError(f'{artifact} comes from another version of bhvit_jax (format {found!r}, '
+                      f'this runtime reads {FORMAT!r}); export it again')
+  return meta
+
+
+def _check_runtime(artifact: str, meta: dict):
+  """IREE modules are not portable across IREE releases or CPU architectures."""
+  compiled = meta.get('versions', {}).get(COMPILER_PACKAGE, '')
+  try:
+    installed = importlib.metadata.version(RUNTIME_PACKAGE)
+  except importlib.metadata.PackageNotFoundError:
+    raise DeployError(f'{artifact} needs the {RUNTIME_PACKAGE} package ({compiled})') from None
+  if _minor(installed) != _minor(compiled):
+    raise DeployError(f'{artifact} was compiled by IREE {compiled} but {RUNTIME_PACKAGE} '
+                      f'{installed} is installed; install {_minor(compiled)}.* or export again')
+  machines = TARGET_MACHINES.get(meta['target'])
+  if machines and platform.machine() not in machines:
+    raise DeployError(f"{artifact} is compiled for {meta['target']}, not for this "
+                      f'{platform.machine()} machine')
+
+
+class Model:
+  """A loaded artifact: `predict_logits(images)` on preprocessed images, `preprocess(image)`."""
+
+  def __init__(self, artifact: str):
+    self.meta = read_sidecar(artifact)
+    _check_runtime(artifact, self.meta)
+    import iree.runtime as ireert  # pylint: disable=g-import-not-at-top  (checked above)
+    with open(artifact, 'rb') as f:
+      data = f.read()
+    try:
+      self._module = ireert.load_vm_flatbuffer(data, driver='local-task')
+    except RuntimeError as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise DeployError(f'{artifact} is not a loadable IREE module: {first}') from None
+    self.batch = int(self.meta['batch'])
+
+  def preprocess(self, image) -> np.ndarray:
+    """PIL image or uint8 `[H, W, 3]` -> normalised float32 `[S, S, 3]`."""
+    m = self.meta
+    pixels = transforms.eval_transform(image, m['image_size'], m['resize_size'],
+                                       m['interpolation'])
+    return transforms.normalize(pixels, m['mean'], m['std'])
+
+  def predict_logits(self, images: np.ndarray) -> np.ndarray:
+    """float32 `[N, S, S, 3]` (preprocessed) -> float32 logits `[N, classes]`.
+
+    The module has a fixed batch; the last chunk is padded with zeros and the padding dropped.
+    """
+    images = np.asarray(images, np.float32)
+    out = []
+    for start in range(0, len(images), self.batch):
+      chunk = images[start:start + self.batch]
+      padded = np.zeros((self.batch,) + images.shape[1:], np.float32)
+      padded[:len(chunk)] = chunk
+      # A copy: the host view aliases a buffer that the next call reuses.
+      out.append(np.array(self._module.main(padded).to_host()[:len(chunk)]))
+    return np.concatenate(out) if out else np.zeros((0, self.meta['num_classes']), np.float32)
+
+
+def load_image(path: str):
+  """RGB PIL image of the file at `path`."""
+  try:
+    with open(path, 'rb') as f:
+      return transforms.decode_image(f.read())
+  except (OSError, ValueError, SyntaxError) as e:
+    raise DeployError(f'{path} is not a readable image: {e}') from None
+
+
+def image_files(paths) -> list:
+  """Files given, with each directory replaced by its image files (sorted, recursive)."""
+  files = []
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                     for name in names if name.lower().endswith(transforms.IMAGE_EXTENSIONS))
+      if not found:
+        raise DeployError(f'{path} holds no image files ({", ".join(transforms.IMAGE_EXTENSIONS)})')
+      files += found
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise DeployError(f'image not found: {path}')
+  return files
+
