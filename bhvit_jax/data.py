@@ -500,8 +500,20 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, _SHUFFLE_TAG, epoch]).permutation(num_examples)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, num_examples: int, global_batch: int,
+                repeats: int = 1) -> np.ndarray:
+  """The examples of `epoch` in reading order: a permutation, or with repeated augmentation
+  (`repeats` > 1, augment.repeated_aug) each example `repeats` times in a row over the epoch's
+  usual length. The global batch is one batch whatever the devices (BatchNorm statistics are
+  global), so the copies are dealt as to one replica and the order is the same on any mesh."""
+  if repeats == 1:
+    return epoch_permutation(seed, epoch, num_examples)
+  return augment_lib.repeated_epoch_order(seed, epoch, num_examples, repeats, 1, global_batch)
+
+
 def train_indices(step: int, *, seed: int, num_examples: int, global_batch: int,
-                  process_index: int, process_count: int) -> np.ndarray:
+                  process_index: int, process_count: int, repeats: int = 1) -> np.ndarray:
   """Example indices int [B_local] this process reads at global `step`.
 
   Epoch e = step // steps_per_epoch walks its own permutation; the partial
@@ -514,7 +526,7 @@ def train_indices(step: int, *, seed: int, num_examples: int, global_batch: int,
                      'training examples')
   epoch, in_epoch = divmod(step, steps_per_epoch)
   start = in_epoch * global_batch + process_index * local
-  return epoch_permutation(seed, epoch, num_examples)[start:start + local]
+  return epoch_order(seed, epoch, num_examples, global_batch, repeats)[start:start + local]
 
 
 def eval_positions(batch: int, *, num_examples: int, global_batch: int,
@@ -579,7 +591,8 @@ def _train_batch(plan: _Plan, step: int) -> dict[str, np.ndarray]:
   indices = train_indices(step, seed=plan.seed, num_examples=len(plan.source),
                           global_batch=plan.global_batch,
                           process_index=plan.process_index,
-                          process_count=plan.process_count)
+                          process_count=plan.process_count,
+                          repeats=plan.augment.repeated_aug if plan.augment else 1)
   first_slot = plan.process_index * len(indices)
   images, labels, rngs = [], [], []
   for slot, index in enumerate(indices):
@@ -684,7 +697,7 @@ def _augment_fields(config) -> dict:
     return {}
   augment_lib.validate(aug)
   if not (aug.rand_augment or aug.color_jitter > 0 or aug.reprob > 0
-          or augment_lib.mixing_active(aug)):
+          or augment_lib.mixing_active(aug) or aug.repeated_aug > 1):
     return {}
   return dict(augment=aug, num_classes=int(config.model.num_classes),
               label_smoothing=float(config.loss.label_smoothing))

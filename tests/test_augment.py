@@ -259,3 +259,19 @@ def test_total_loss_takes_soft_targets_in_place_of_labels():
   soft, _ = losses.total_loss(logits, augment.one_hot_targets(labels, 5, 0.1))
   hard, _ = losses.total_loss(logits, labels, label_smoothing=0.1)
   np.testing.assert_allclose(soft, hard, rtol=1e-6)
+
+
+def test_repeated_augmentation_reads_each_example_several_times_in_one_epoch():
+  from bhvit_jax import data  # pylint: disable=g-import-not-at-top
+  kwargs = dict(seed=3, num_examples=40, global_batch=8, process_count=1)
+  plain = np.concatenate([data.train_indices(s, process_index=0, **kwargs) for s in range(5)])
+  order = np.concatenate([data.train_indices(s, process_index=0, repeats=3, **kwargs)
+                          for s in range(5)])
+  assert len(order) == len(plain) == 40 and sorted(plain) == list(range(40))
+  # Each example read three times in a row; about a third of the examples per epoch.
+  np.testing.assert_array_equal(order[:39].reshape(13, 3), np.repeat(order[:39:3], 3)
+                                .reshape(13, 3))
+  assert len(set(order)) == 14
+  kwargs['process_count'] = 2  # process 1 reads the second half of the same global batch
+  np.testing.assert_array_equal(
+      data.train_indices(2, process_index=1, repeats=3, **kwargs), order[20:24])
