@@ -110,14 +110,19 @@ def _all_finite(tree):
 
 def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
                     lr_fn: Callable, beta_fn: Callable, reg_in_loss: bool = False,
-                    teacher_model=None) -> Callable:
+                    teacher_model=None, calibrate: bool = True) -> Callable:
   """Builds the pure `train_step(state, batch, rng[, teacher_variables]) -> (state, metrics)`.
 
   `batch` is {'image': [B, H, W, 3] float, 'label': [B] int}; `rng` is the run's base key,
   folded with the step so dropout keys depend only on (seed, step). A step whose loss or
   gradients are not finite leaves params, statistics and optimizer state unchanged.
+  Non-gsb attention quantizers that were never calibrated (flag 0 in `quant_state`) take
+  their first-batch α and z inside the step, as the reference's first train forward does;
+  with `calibrate=False` the step instead refuses them (`model.calibrate` must run first).
   """
   def train_step(state: TrainState, batch, rng, teacher_variables=None):
+    if state.quant_state and not calibrate:
+      _refuse_uncalibrated(state.quant_state)
     images, labels = batch['image'], batch['label']
     teacher_logits = None
     if teacher_model is not None:
@@ -129,24 +134,30 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
       variables = {'params': params, 'batch_stats': state.batch_stats}
       if state.quant_state:
         variables['quant_state'] = state.quant_state
-      logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
+      logits, updates = model.apply(variables, images, train=True, calibrate=calibrating,
+                                    mutable=['batch_stats', 'quant_state', 'calibration'],
                                     rngs={'dropout': dropout_rng})
       loss, parts = losses.total_loss(
           logits, labels, teacher_logits, label_smoothing=loss_config.label_smoothing,
           ce_weight=loss_config.ce_weight, distill_weight=loss_config.distill_weight)
       if reg_in_loss:
         loss = loss + beta_fn(state.step) * losses.oscillation_regularizer(params)
-      return loss, (logits, updates.get('batch_stats', {}), parts)
+      return loss, (logits, updates, parts)
 
-    (loss, (logits, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (logits, model_updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    batch_stats = model_updates.get('batch_stats', {})
+    # The reference overwrites α and z in its first forward; Adam then updates those values.
+    start = (model_lib.with_calibration(state.params, model_updates.get('calibration', {}))
+             if calibrating else state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, start)
+    params = optax.apply_updates(start, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
+        step=state.step + 1, params=keep(params, start),
+        quant_state=model_updates.get('quant_state', state.quant_state),
         batch_stats=keep(batch_stats, state.batch_stats),
         opt_state=keep(opt_state, state.opt_state), nonfinite_in_row=in_row,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
@@ -161,7 +172,23 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
         'nonfinite_in_row': in_row, 'nonfinite_total': new_state.nonfinite_total}
     return new_state, metrics
 
+  calibrating = calibrate and model.input_bits != 32 and not model.gsb
   return train_step
+
+
+def _refuse_uncalibrated(quant_state):
+  """Raises UserError when a quantizer flag is 0 (checked on the host inside a jit)."""
+  def check(*flags_):
+    if not model_lib.is_calibrated(flags_):
+      raise config_lib.UserError(
+          'train step built with calibrate=False got uncalibrated attention quantizers '
+          '(quant_state init_state = 0): run model.calibrate(model, variables, first_images) '
+          'before create_train_state, or build the step with calibrate=True')
+  leaves = jax.tree_util.tree_leaves(quant_state)
+  if any(isinstance(f, jax.core.Tracer) for f in leaves):
+    jax.debug.callback(check, *leaves)
+  else:
+    check(*leaves)
 
 
 def make_eval_step(model) -> Callable:
