@@ -63,8 +63,8 @@ def test_train_step_calibrates_uncalibrated_variables_or_refuses(functional):
   explicit, m_explicit = ns['step'](train.create_train_state(calibrated, tx), batch, rng)
   implicit, m_implicit = ns['step'](train.create_train_state(uncalibrated, tx), batch, rng)
   assert float(m_implicit['loss']) == pytest.approx(float(m_explicit['loss']), rel=1e-6)
-  assert float(m_implicit['loss']) != pytest.approx(float(_uncalibrated_loss(ns)), rel=1e-3)
   assert model_calibrated(implicit.quant_state)
+  # α and z included: a skipped calibration would have updated α = 1, z = 0 instead.
   for a, b in zip(jax.tree_util.tree_leaves(implicit.params),
                   jax.tree_util.tree_leaves(explicit.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -76,11 +76,3 @@ def test_train_step_calibrates_uncalibrated_variables_or_refuses(functional):
   with pytest.raises(config_lib.UserError, match=r'model\.calibrate'):
     refusing(train.create_train_state(uncalibrated, tx), batch, rng)
 
-
-def _uncalibrated_loss(ns):
-  """The loss a step that skipped calibration would report (α = 1, z = 0)."""
-  logits, _ = ns['model'].apply(ns['variables'], ns['batch']['image'], train=True,
-                                mutable=['batch_stats'])
-  from bhvit_jax import losses  # pylint: disable=g-import-not-at-top
-  return losses.total_loss(logits, ns['batch']['label'], None, label_smoothing=0.1,
-                           ce_weight=1.0, distill_weight=0.0)[0]
