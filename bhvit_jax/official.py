@@ -6,7 +6,9 @@ config. When `transformers` or `timm` are not installed, the few names the offic
 imports from them come from minimal stand-ins. Also here: the official configuration as a
 fixture's `config_json` and the oscillation regularizer over the official parameter names.
 """
+import contextlib
 import importlib
+import io
 import json
 import os
 import sys
@@ -137,7 +139,8 @@ def build_model(repo: str, model_config):
   PyTorch's default initialization under the caller's `torch.manual_seed`)."""
   check_expressible(model_config)
   model_class, batch_norm_class = import_official(repo)
-  return model_class(official_config(model_config, batch_norm_class))
+  with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per shift residual
+    return model_class(official_config(model_config, batch_norm_class))
 
 
 def config_json(model_config) -> str:
@@ -172,3 +175,77 @@ def regularizer(model):
 
 def as_numpy(tensor) -> np.ndarray:
   return tensor.detach().cpu().numpy()
+
+
+# --------------------------------------------------------------- running it ---
+
+# The training-step recipe of the fixtures (fixtures/README.md, "One training step").
+RECIPE = {'optimizer': 'torch.optim.AdamW lr=1e-3 betas=(0.9,0.999) eps=1e-8 weight_decay=0, '
+                       'constant lr',
+          'loss': 'cross_entropy(logits, labels, label_smoothing=0.1) + 0.1*R, R as SPEC 5 '
+                  '(official name patterns)'}
+LEARNING_RATE = 1e-3
+REG_WEIGHT = 0.1
+LABEL_SMOOTHING = 0.1
+
+
+def load_state(model, state: dict, what: str = 'weights'):
+  """Loads a numpy state dict into `model` (strict); UserError naming what does not fit."""
+  torch = require_torch()
+  current = model.state_dict()
+  missing = sorted(set(current) - set(state))
+  unexpected = sorted(set(state) - set(current))
+  wrong = [f'{k} {tuple(state[k].shape)} vs {tuple(current[k].shape)}' for k in current
+           if k in state and tuple(state[k].shape) != tuple(current[k].shape)]
+  if missing or unexpected or wrong:
+    raise config_lib.UserError(
+        f'{what} do not fit the configured official model: '
+        + '; '.join(f'{n} {kind}: {", ".join(v[:3])}' for kind, v, n in (
+            ('missing', missing, len(missing)), ('unexpected', unexpected, len(unexpected)),
+            ('mis-shaped', wrong, len(wrong))) if v))
+  model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+
+
+def perturbed(state: dict, seed: int) -> dict:
+  """`state` with every float parameter and BatchNorm statistic moved by seeded noise, so that
+  no check passes because a value is exactly 0 or 1 (e.g. running statistics, offsets)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, value in state.items():
+    if not np.issubdtype(value.dtype, np.floating) or name.endswith('init_state'):
+      out[name] = value
+    elif name.endswith('running_var'):
+      out[name] = rng.uniform(0.5, 1.5, value.shape).astype(value.dtype)
+    else:
+      noise = rng.standard_normal((2,) + value.shape)
+      scale = 0.05 if name.endswith('running_mean') else 0.02
+      out[name] = (value * (1 + 0.1 * noise[0]) + scale * noise[1]).astype(value.dtype)
+  return out
+
+
+def replica(model, state: dict, dtype: str):
+  """A copy of `model` holding `state`, in float32 or float64."""
+  import copy  # pylint: disable=g-import-not-at-top
+  torch = require_torch()
+  twin = copy.deepcopy(model)
+  load_state(twin, state)
+  return twin.to(getattr(torch, dtype))
+
+
+def tensor(array, dtype: str):
+  torch = require_torch()
+  return torch.from_numpy(np.asarray(array)).to(getattr(torch, dtype))
+
+
+def training_loss(model, logits, labels, label_smoothing=LABEL_SMOOTHING, reg_weight=REG_WEIGHT):
+  """Label-smoothed cross-entropy + reg_weight·R (the fixtures' recipe); (loss, ce, reg)."""
+  torch = require_torch()
+  ce = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+  reg = regularizer(model)
+  return ce + reg_weight * reg, ce, reg
+
+
+def adamw(model, lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+  torch = require_torch()
+  return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps,
+                           weight_decay=weight_decay)

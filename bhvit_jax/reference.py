@@ -264,13 +264,14 @@ def _recipe(fixture_data):
 
 def _state_report(state, fx, steps, lr):
   """Parameters and BatchNorm buffers after the update against `after_step0/*`."""
-  mine = convert.flax_to_torch({'params': state.params, 'batch_stats': state.batch_stats})
+  mine = convert.flax_to_torch({'params': state.params, 'batch_stats': state.batch_stats,
+                                'quant_state': state.quant_state})
   f64_ref = any(k.startswith('f64/after_step0/') for k in steps)
   ref = prefixed(steps, 'f64/after_step0/' if (fx.x64 and f64_ref) else 'after_step0/')
   rels, ok = {}, True
   for name, value in ref.items():
-    if name.endswith('num_batches_tracked'):
-      ok &= int(mine[name]) == int(value)
+    if name.endswith(('num_batches_tracked', 'init_state')):
+      ok &= np.array_equal(np.asarray(mine[name]).astype(int), np.asarray(value).astype(int))
       continue
     rels[name] = rel_error(mine[name], value)
     if rels[name] > STATE_REL and not (fx.x64 and not f64_ref):

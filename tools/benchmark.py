@@ -81,28 +81,10 @@ def load_config(path: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def apply_overrides(config, overrides):
-  """`--set a.b=value` (value parsed as JSON/Python literal when possible)."""
-  import ast  # pylint: disable=g-import-not-at-top
-  for item in overrides:
-    key, sep, raw = item.partition('=')
-    if not sep:
-      raise ValueError(f'--set expects key=value, got {item!r}')
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    node, *rest = key.split('.')
-    target = config
-    for part in [node] + rest[:-1]:
-      target = target[part]
-    target[rest[-1] if rest else node] = value
-  return config
-
-
 def resolve_config(args):
+  from bhvit_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = load_config(args.config) if args.config else preset_config(args.preset)
-  config = apply_overrides(config, args.set)
+  config_lib.apply_overrides(config, args.set)
   # The teacher's forward is not the student's cost; compare the student step alone.
   config.loss.ce_weight = config.loss.get('ce_weight') or 1.0
   config.loss.distill_weight = 0.0
