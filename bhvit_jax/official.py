@@ -159,7 +159,7 @@ def config_json(model_config) -> str:
 
 def state_dict(model) -> dict:
   """The model's state dict as numpy arrays (parameters and buffers, their own dtypes)."""
-  return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+  return {k: as_numpy(v) for k, v in model.state_dict().items()}
 
 
 def regularized_names(model) -> list:
@@ -174,7 +174,8 @@ def regularizer(model):
 
 
 def as_numpy(tensor) -> np.ndarray:
-  return tensor.detach().cpu().numpy()
+  """A copy (a CPU tensor's `.numpy()` shares its memory, which training keeps updating)."""
+  return tensor.detach().cpu().numpy().copy()
 
 
 # --------------------------------------------------------------- running it ---

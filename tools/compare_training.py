@@ -136,7 +136,7 @@ def train_official(model, data, config, dtype):
     for n, v in norms.items():
       grad_share[n] = max(grad_share.get(n, 0.0), v / total)
     opt.step()
-    losses.append(float(loss))
+    losses.append(float(loss.detach()))
   return losses, official.state_dict(model), grad_share
 
 
@@ -155,7 +155,7 @@ def train_jax(model, variables, data, config, dtype):
     state, metrics = step(state, {'image': jnp.asarray(images, dtype),
                                   'label': jnp.asarray(labels, jnp.int32)}, rng)
     # The official loss holds β·R; here R is carried by the optimizer and reported apart.
-    losses.append(float(metrics['loss']) + float(metrics['beta']) * float(metrics['reg']))
+    losses.append(float(metrics['loss']) + config.optim.reg_beta * float(metrics['reg']))
   return losses, state.variables()
 
 
