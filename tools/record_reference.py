@@ -190,8 +190,10 @@ def record(args, config) -> dict:
   # Gradients are judged from float32: those whose float64 value is (near) zero are rounding.
   grads64 = {k: v for k, v in f64.items() if k.startswith('grad/')}
   total = np.sqrt(sum(float(np.sum(v ** 2)) for v in grads64.values()))
+  # Also those whose float32 value is rounding-dominated (off its float64 value by > 1e-4).
   arrays['info/grad_near_zero_names'] = np.array(sorted(
-      k[len('grad/'):] for k, v in grads64.items() if np.linalg.norm(v) <= 1e-6 * max(total, 1)))
+      k[len('grad/'):] for k, v in grads64.items()
+      if np.linalg.norm(v) <= 1e-6 * max(total, 1) or _rel(f32[k], v) > 1e-4))
   arrays.update({f'f64/{k}': v for k, v in f64.items() if not k.startswith('grad/')})
   for prefix, dtype in (('', 'float32'), ('f64/', 'float64')):
     arrays.update({prefix + k: v for k, v in _calibration(model, state, images,
