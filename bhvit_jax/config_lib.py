@@ -241,3 +241,41 @@ def _checkpoint_path(spec: str) -> str:
     return checkpoint.split_spec(spec)[0]
   except UserError:
     return spec
+
+
+def apply_overrides(config, items) -> None:
+  """Sets each 'a.b=value' of `items` in `config` (value parsed as a Python literal when it is
+  one, else kept as a string); ConfigError names an unknown key or a value of the wrong type."""
+  import ast  # pylint: disable=g-import-not-at-top
+  parsed = []
+  for item in items:
+    key, sep, raw = item.partition('=')
+    if not sep:
+      raise ConfigError(f'expected key=value, got {item!r}')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    parsed.append((key, value))
+  check_keys(config, [key for key, _ in parsed])
+  for key, value in parsed:
+    *parents, leaf = key.split('.')
+    target = config
+    for part in parents:
+      target = target[part]
+    try:
+      target[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f'config.{key}={value!r}: {e}') from e
+
+
+def load_config(spec: str, argv) -> tuple:
+  """(config, rest of argv): `--config` file `spec` with the `--config.a.b=value` items of
+  `argv` applied, for tools that parse their other flags with argparse."""
+  try:
+    config = load_config_file(spec)
+  except FileNotFoundError as e:
+    raise ConfigError(str(e)) from e
+  overrides = [a[len('--config.'):] for a in argv if a.startswith('--config.')]
+  apply_overrides(config, overrides)
+  return config, [a for a in argv if not a.startswith('--config.')]

@@ -667,10 +667,20 @@ def calibrate(model: BHViT, variables, images):
     return variables, None
   logits, updates = model.apply(variables, images, train=True, calibrate=True,
                                 mutable=['batch_stats', 'quant_state', 'calibration'])
-  flat = flax.traverse_util.flatten_dict(variables['params'])
-  for path, value in flax.traverse_util.flatten_dict(updates['calibration']).items():
-    flat[path] = value[0] if isinstance(value, tuple) else value
   new = dict(variables)
-  new['params'] = flax.traverse_util.unflatten_dict(flat)
+  new['params'] = with_calibration(variables['params'], updates['calibration'])
   new['quant_state'] = updates['quant_state']
   return new, logits
+
+
+def with_calibration(params, calibration):
+  """`params` with the α and z that a `calibrate=True` forward sowed into 'calibration'."""
+  flat = flax.traverse_util.flatten_dict(params)
+  for path, value in flax.traverse_util.flatten_dict(calibration).items():
+    flat[path] = value[0] if isinstance(value, tuple) else value
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def is_calibrated(quant_state) -> bool:
+  """Whether every non-gsb attention quantizer has taken its first-batch α and z (concrete)."""
+  return all(bool(np.all(np.asarray(f))) for f in jax.tree_util.tree_leaves(quant_state))

@@ -167,7 +167,9 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
   counts where they were, so the loss's β and the logged lr and β are the ones the optimizer
   applies. `ema_decay` > 0 updates the state's EMA after every applied step (`ema_update`);
   `grad_accum_steps` > 1 splits the batch into that many micro-batches whose gradients are
-  averaged into one optimizer update (`accumulate_gradients`).
+  averaged into one optimizer update (`accumulate_gradients`). Non-gsb attention quantizers
+  must be calibrated first (`model.calibrate`, as the training loop does on its first batch):
+  the step refuses never-calibrated ones rather than train them uncalibrated.
   """
   def loss_and_grads(params, batch_stats, images, targets, dropout_rng, quant_state, applied,
                      teacher_variables):
@@ -191,6 +193,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   def train_step(state: TrainState, batch, rng, teacher_variables=None):
+    if state.quant_state:
+      _refuse_uncalibrated(state.quant_state)
     images, labels = batch['image'], batch['label']
     dropout_rng = jax.random.fold_in(rng, state.step)
     applied = state.step - state.nonfinite_total  # == the optimizer's update count
@@ -207,7 +211,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
+        step=state.step + 1, params=keep(params, start),
+        quant_state=model_updates.get('quant_state', state.quant_state),
         batch_stats=keep(batch_stats, state.batch_stats),
         opt_state=keep(opt_state, state.opt_state), nonfinite_in_row=in_row,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
@@ -279,6 +284,19 @@ def make_eval_logits(model) -> Callable:
     variables = {k: v for k, v in state.variables().items() if v}
     return model.apply(variables, images, train=False)
   return eval_logits
+def _refuse_uncalibrated(quant_state):
+  """Raises UserError when a quantizer flag is 0 (checked on the host inside a jit)."""
+  def check(*flags_):
+    if not model_lib.is_calibrated(flags_):
+      raise config_lib.UserError(
+          'the train step got uncalibrated attention quantizers (quant_state init_state = 0): '
+          'run model.calibrate(model, variables, first_images) before create_train_state, as '
+          'the reference calibrates them on its first training batch')
+  leaves = jax.tree_util.tree_leaves(quant_state)
+  if any(isinstance(f, jax.core.Tracer) for f in leaves):
+    jax.debug.callback(check, *leaves)
+  else:
+    check(*leaves)
 
 
 def make_eval_step(model) -> Callable:

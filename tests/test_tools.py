@@ -304,7 +304,7 @@ def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_f
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   np.testing.assert_allclose([r['logits'] for r in rows], apply(variables, pixels), rtol=1e-5,
                              atol=1e-5)
-  torch_model = official.build_torch_model(repo, config.model)
+  torch_model = official.build_model(repo, config.model)
   torch_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
   torch_model.eval().double()
   with torch.inference_mode():

@@ -338,9 +338,13 @@ def torch_case(config, mode: str, batch: int, repeats: int, repo: str, threads: 
                weights_out: str):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import official  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = official.build_torch_model(repo, config.model)
+  try:
+    model = official.build_model(repo, config.model)
+  except official.Unsupported as e:
+    raise SkipCase(str(e)) from e
   if weights_out:
     # numpy arrays, so that the JAX cases load them without importing torch (whose ~0.2 GiB
     # would count in their peak memory).
@@ -396,7 +400,7 @@ def run_case(f, argv) -> dict:
     else:
       timing, machine = torch_case(config, f.mode[0], f.batch, f.repeats, repo, f.threads,
                                    f.weights)
-  except (SkipCase, official.UnsupportedConfig) as e:
+  except (SkipCase, official.Unsupported) as e:
     record['skipped'] = str(e)
     return record
   step_s = median(timing.step_s)
