@@ -211,8 +211,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, loss_config,
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, start),
-        quant_state=model_updates.get('quant_state', state.quant_state),
+        step=state.step + 1, params=keep(params, state.params),
         batch_stats=keep(batch_stats, state.batch_stats),
         opt_state=keep(opt_state, state.opt_state), nonfinite_in_row=in_row,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))

@@ -136,9 +136,9 @@ CASES = [
     ('export_packed', ['--config', T, '--checkpoint', f'{D}/run', '--out', f'{D}/run'],
      'is a directory'),
     ('export_packed', ['--fixture', f'{D}/random.bin', '--out', f'{D}/run/training.png'],
-     'not a readable .npz fixture'),
+     'is not an .npz fixture'),
     ('export_packed', ['--fixture', f'{D}/other.npz', '--out', f'{D}/run/training.png'],
-     'not a reference fixture'),
+     'unknown key layout'),
     ('export_packed', ['--variant', 'demo', '--checkpoint', f'{D}/run', '--out',
                        f'{D}/run/training.png'], 'does not match'),
     # plot_attention: image specs (indices, split names, files), selections
@@ -164,8 +164,8 @@ CASES = [
                        f'{D}/run/metrics.jsonl'], 'does not match'),
     # verify_reference
     ('verify_reference', [f'{D}/missing.npz'], 'does not exist'),
-    ('verify_reference', [f'{D}/other.npz'], 'not a reference fixture'),
-    ('verify_reference', [f'{D}/bad.npz'], 'not a readable .npz fixture'),
+    ('verify_reference', [f'{D}/other.npz'], 'unknown key layout'),
+    ('verify_reference', [f'{D}/bad.npz'], 'is not an .npz fixture'),
     ('verify_reference', [f'{D}/run'], 'is a directory'),
     ('verify_reference', ['--x65', f'{D}/other.npz'], 'unrecognized arguments'),
     # plot_training

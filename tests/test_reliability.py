@@ -520,8 +520,8 @@ def test_nonfinite_update_is_skipped_then_stops(broken, tmp_path, monkeypatch):
   else:
     real_create = train.create_train_state
 
-    def with_nan_moment(variables, tx):
-      state = real_create(variables, tx)
+    def with_nan_moment(variables, tx, **kwargs):
+      state = real_create(variables, tx, **kwargs)
       adam = next(s for s in state.opt_state if isinstance(s, optax.ScaleByAdamState))
       mu = jax.tree_util.tree_map(lambda m: m.at[(0,) * m.ndim].set(jnp.nan), adam.mu)
       return state.replace(opt_state=tuple(

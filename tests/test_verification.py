@@ -95,10 +95,8 @@ def test_partial_fixture_judges_what_is_there(case_public, tmp_path, capsys, x64
   (tmp_path / 'junk.npz').write_bytes(os.urandom(512))
   np.savez(tmp_path / 'other.npz', config_json='{}', weights=np.zeros(3))
   for name, message in (('steps_alone.npz', 'without state'), ('junk.npz', 'not an .npz'),
-                        ('other.npz', 'unknown key layout'), ('missing.npz', 'not found')):
-    with pytest.raises(SystemExit) as exit_info:
-      verify_reference.main([str(tmp_path / name)])
-    assert exit_info.value.code == 2, name
+                        ('other.npz', 'unknown key layout'), ('missing.npz', 'does not exist')):
+    assert verify_reference.main(['verify_reference', str(tmp_path / name)]) == 2, name
     assert_one_error_line(capsys, message)
 
 
@@ -125,17 +123,14 @@ VERIFY_CONFIG = str(REPO / 'configs' / 'verify.py')
 def test_record_refuses_what_it_cannot_record(tmp_path, monkeypatch, capsys):
   import record_reference  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'case.npz'
-  base = ['--config', VERIFY_CONFIG, '--out', str(out)]
+  base = ['record_reference', '--config', VERIFY_CONFIG, '--out', str(out)]
   cases = ((['--torch-repo', str(tmp_path), '--config.model.window_size=1'], 'window_size=1'),
            (['--torch-repo', str(tmp_path)], 'missing transformer/BHViT.py'))
   for extra, message in cases:
-    with pytest.raises(SystemExit) as exit_info:
-      record_reference.main(base + extra)
-    assert exit_info.value.code == 2
+    assert record_reference.main(base + extra) == 2
     assert_one_error_line(capsys, message)
   monkeypatch.setitem(sys.modules, 'torch', None)  # as if PyTorch were not installed
-  with pytest.raises(SystemExit):
-    record_reference.main(base + ['--torch-repo', str(tmp_path)])
+  assert record_reference.main(base + ['--torch-repo', str(tmp_path)]) == 2
   assert_one_error_line(capsys, '[torch] extra')
   assert not out.exists()
 
@@ -144,7 +139,7 @@ def test_record_then_verify_round_trip(torch_repo, tmp_path, x64):
   import record_reference  # pylint: disable=g-import-not-at-top
   from bhvit_jax import reference  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'case_recorded.npz'
-  assert record_reference.main(['--torch-repo', torch_repo, '--config', VERIFY_CONFIG,
+  assert record_reference.main(['record_reference', '--torch-repo', torch_repo, '--config', VERIFY_CONFIG,
                                 '--batch', '2', '--seed', '3', '--out', str(out)]) == 0
   report = reference.judge(str(out), x64=True)
   assert report['absent'] == ['steps', 'after_step0'], report['absent']
@@ -157,7 +152,7 @@ def test_record_then_verify_round_trip(torch_repo, tmp_path, x64):
 def test_compare_training_agrees_every_step_in_float64(torch_repo, tmp_path, capsys, x64):
   import compare_training  # pylint: disable=g-import-not-at-top
   png = tmp_path / 'curves.png'
-  code = compare_training.main(['--torch-repo', torch_repo, '--steps', '3', '--x64',
+  code = compare_training.main(['compare_training', '--torch-repo', torch_repo, '--steps', '3', '--x64',
                                 '--png', str(png)])
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert code == 0 and result['dtype'] == 'float64' and len(result['loss_rel']) == 3

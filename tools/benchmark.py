@@ -1,7 +1,7 @@
 r"""Training and inference throughput and peak memory of bhvit_jax, optionally beside PyTorch.
 
   python tools/benchmark.py --config configs/bhvit_tiny.py --batch 16 --mode train --json
-  python tools/benchmark.py --variant small --mode eval,train --torch-repo /tmp/bhvit_ref
+  python tools/benchmark.py --variant small --mode eval,train --torch-repo ../BHViT
   python tools/benchmark.py --config configs/bhvit_tiny.py --config.model.split_groups=False
 
 Without --config the model is a size of `bhvit_jax.model.VARIANTS` (--variant, updated by

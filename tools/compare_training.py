@@ -24,13 +24,13 @@ otherwise). In float32 the curves part after a few steps: an activation within r
 zero takes the other sign in one framework, which moves the loss by ~1e-3; the JSON line names
 the first such step.
 """
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
+from bhvit_jax import cli
 from bhvit_jax import config_lib
 from bhvit_jax import official
 
@@ -42,7 +42,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--torch-repo', required=True, help='checkout of the official BHViT')
   parser.add_argument('--config', default=DEFAULT_CONFIG, help='config file')
   parser.add_argument('--steps', type=int, required=True, help='training steps (>= 1)')
@@ -246,18 +246,18 @@ def report_lines(result) -> list:
   return lines
 
 
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    args, config = parse_args(argv)
-    result = compare(args, config)
-  except config_lib.UserError as e:
-    config_lib.fail(str(e))
+def _compare(argv):
+  args, config = parse_args(argv[1:])
+  result = compare(args, config)
   print('\n'.join(report_lines(result)))
   plot(args.png, result['torch_loss'], result['jax_loss'])
   print(f'wrote {args.png}')
   print(json.dumps({k: v for k, v in result.items() if k not in ('torch_loss', 'jax_loss')}))
   return 0 if result['passed'] else 1
+
+
+def main(argv=None):
+  return cli.run(_compare, argv=argv)
 
 
 if __name__ == '__main__':

@@ -22,13 +22,13 @@ float64 forwards agree within 1e-5 (the same sign decisions) is used (`info/rand
 Exit status 2 with one `error:` line, and no file written, when PyTorch or the checkout is
 missing or the configuration is one the official code cannot express.
 """
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
+from bhvit_jax import cli
 from bhvit_jax import config_lib
 from bhvit_jax import official
 
@@ -37,7 +37,7 @@ INPUT_TRIES = 10
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--torch-repo', required=True, help='checkout of the official BHViT')
   parser.add_argument('--config', required=True, help='config file (its `model` is recorded)')
   parser.add_argument('--weights', default='', help='official .pth (or .npz) state dict')
@@ -213,13 +213,9 @@ def record(args, config) -> dict:
   return arrays
 
 
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    args, config = parse_args(argv)
-    arrays = record(args, config)
-  except config_lib.UserError as e:
-    config_lib.fail(str(e))
+def _record(argv):
+  args, config = parse_args(argv[1:])
+  arrays = record(args, config)
   partial = args.out + '.partial.npz'
   np.savez(partial, **arrays)
   os.replace(partial, args.out)
@@ -227,6 +223,10 @@ def main(argv=None):
   print(f'wrote {args.out} ({parts}, input seed {int(arrays["info/rand_seed"])}); judge it with: '
         f'python tools/verify_reference.py {args.out} --x64')
   return 0
+
+
+def main(argv=None):
+  return cli.run(_record, argv=argv)
 
 
 if __name__ == '__main__':
