@@ -486,16 +486,22 @@ def variant(name: str) -> dict:
   return dict(VARIANTS[name])
 
 
-def resolve_split_groups(value) -> bool:
-  """`split_groups` as used: 'auto' is per-group on CPU (XLA:CPU's grouped convolution is
-  far slower than one convolution per group; docs/performance.md) and grouped elsewhere."""
+def _split_groups_setting(value):
+  """True, False or 'auto' from a config value (a --config override arrives as a string)."""
   if isinstance(value, str):
-    if value.lower() == 'auto':
-      return jax.default_backend() == 'cpu'
-    if value.lower() in ('true', 'false'):
-      return value.lower() == 'true'
+    if value.lower() in ('auto', 'true', 'false'):
+      return {'auto': 'auto', 'true': True, 'false': False}[value.lower()]
     raise config_lib.UserError(f"split_groups={value!r} must be True, False or 'auto'")
   return bool(value)
+
+
+def resolve_split_groups(value) -> bool:
+  """`split_groups` as used: 'auto' is per-group on CPU (XLA:CPU's grouped convolution is
+  far slower than one convolution per group; docs/performance.md) and grouped elsewhere.
+  The backend is asked only here, at trace time: a multi-process run must not start it
+  before `jax.distributed.initialize`."""
+  setting = _split_groups_setting(value)
+  return jax.default_backend() == 'cpu' if setting == 'auto' else setting
 
 
 class BHViT(nn.Module):
@@ -608,7 +614,7 @@ def validate(m: BHViT):
                   f'{m.image_size // (m.patch_size * 4)} and {m.image_size // (m.patch_size * 8)}'
                   f' must be divisible by window_size={w}')
   try:
-    resolve_split_groups(m.split_groups)
+    _split_groups_setting(m.split_groups)
   except ValueError as e:
     errors.append(str(e))
   if not set(m.remat_stages) <= {1, 2, 3, 4}:
