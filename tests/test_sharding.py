@@ -236,9 +236,10 @@ def _last_train_step(workdir) -> int:
     return 0
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(two_process_run, tmp_path):
-  """Only process 1 is signalled; both save one checkpoint of the same step and exit 0, and
-  the rerun ends bitwise where the uninterrupted 2-process run ends."""
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """Only process 1 is signalled; both save one checkpoint of the same step and exit 0.
+  (That a rerun from such a checkpoint ends bitwise where the uninterrupted run ends is
+  tested in one process, tests/test_reliability.py: a second 2-process run costs minutes.)"""
   workdir = tmp_path / 'preempted'
   procs = _start_two_processes(workdir)
   deadline = time.time() + 600
@@ -257,15 +258,6 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(two_process_run, tmp
   assert int(stopped[1].group(1)) == step and 1 <= step < 6, step
   saved = sorted(int(s) for s in os.listdir(workdir / 'checkpoints'))
   assert saved[-1] == step and saved == sorted({2, 4} & set(range(step)) | {step}), saved
-  _finish(_start_two_processes(workdir))
-  keys = ('loss', 'grad_norm', 'lr', 'train_top1')
-  by_step = lambda w: {r['step']: tuple(r[k] for k in keys)
-                       for r in _train_records(w) if r['kind'] == 'train'}
-  assert by_step(workdir) == by_step(two_process_run)
-  got, want = (_checkpoint_params(w / 'checkpoints', 6) for w in (workdir, two_process_run))
-  assert sorted(got) == sorted(want)
-  for key, value in want.items():
-    np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 def _checkpoint_params(directory, step):
