@@ -8,8 +8,8 @@ Hardware / time: 2-core CPU, no accelerator: under 2 min wall for 700 steps of b
 package install.
 Expected: held-out top-1 96.2% on the 500 held-out digits (deterministic on CPU for a given
 code version; 95.2% at the mid-run evaluation, step 350). A binary network's result moves by
-about a point with the seed or with float rounding (the eval transform of the reference,
-which leaves 32² inputs unresized, moved it from 97.6% to 96.2%).
+about a point with the seed or with float rounding (the reference's transforms -- training
+crops before resizing, 32² eval inputs stay unresized -- moved it from 97.6% to 96.2%).
 
 Model: every binary path of the published BHViT is on: 1-bit weights and 1-bit inputs in
 all token mixers, q/k/v, output projections and MLPs, BatchNorm token norms, shift3 and
