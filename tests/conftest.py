@@ -1,4 +1,10 @@
-"""Shared pytest fixtures: the reference fixtures beside the checkout (../shared/fixtures).
+"""Shared pytest fixtures (the reference fixtures beside the checkout, ../shared/fixtures) and
+the suite's distribution over pytest-xdist workers.
+
+`make test` runs `-n 2 --dist loadgroup`: a test that uses a module- or session-scoped fixture
+of its own module joins the xdist group of that module (unless it names a group itself), so
+an expensive fixture (a trained run, a multi-process job) is built on one worker, not once
+per worker that happens to receive one of its tests.
 
 The suite's cost is XLA compilation; compiling the CPU kernels without LLVM's optimizations
 (`--xla_backend_optimization_level=0`, set before jax starts and inherited by the suite's
@@ -18,6 +24,27 @@ os.environ['XLA_FLAGS'] = ' '.join(
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / 'shared' / 'fixtures'
+
+
+def _shared_fixture_group(item):
+  """The xdist group of `item`: its module's name when it uses a module/session fixture that
+  its module defines, else None."""
+  module = item.module.__name__
+  for defs in item._fixtureinfo.name2fixturedefs.values():  # pylint: disable=protected-access
+    definition = defs[-1]
+    if definition.scope in ('module', 'session') and getattr(
+        definition.func, '__module__', None) == module:
+      return module
+  return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into scheduling scopes
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.get_closest_marker('xdist_group') is None:
+      group = _shared_fixture_group(item)
+      if group:
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope='session')
