@@ -1,9 +1,10 @@
 """Sharded training gives the numbers of one device: meshes, FSDP, BatchNorm, multi-process;
-a stop on one process stops all at one step.
+a stop on one process stops all at one step; a run resumes on another mesh or process count.
 
-The multi-device checks run this file as a script in subprocesses with 8 simulated CPU
-devices (`python tests/test_sharding.py equivalence OUT`), since the device count is fixed
-when jax starts.
+The multi-device checks run this file as a script in subprocesses with simulated CPU devices,
+since the device count is fixed when jax starts: `equivalence OUT` (the real model, float64,
+8 devices), `processes OUT PORT ID` (process ID of a 2-process job, 4 devices each) and
+`topology OUT PROCESSES_OUT` (8 devices); the last two train a stand-in model.
 """
 import functools
 import itertools
