@@ -321,8 +321,10 @@ def batch_rng(seed: int, step: int, process_index: int) -> np.random.Generator:
   """The generator of `mix_batch`/`draw_mix` at a global step.
 
   Mixing in the workers, each process mixes its own slice with its own draw, as each GPU of
-  the official code mixes its own batch. Mixing on device over the global batch, every
-  process passes process_index=0 so all hold the same (keep, λ) for the jitted step.
+  the official code mixes its own batch: the mixed pairs depend on the process count (a
+  resume on another one changes them from there on; run_identity warns). Mixing on device
+  over the global batch, every process passes process_index=0 so all hold the same (keep, λ)
+  for the jitted step.
   """
   return np.random.default_rng([seed, MIX_TAG, step, process_index])
 

@@ -146,6 +146,13 @@ def _item_handlers():
 BEST_DIR = 'checkpoints_best'  # beside WORKDIR/checkpoints; read as `WORKDIR:best`
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+  """Orbax names its barriers after the step: the best and the periodic checkpoint of one step
+  save concurrently, so each manager prefixes its own (else, with several processes, the
+  second waits at a barrier "already ongoing" and the save times out)."""
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class BestCheckpoint:
   """The weights (`TrainState.weights()`) of the evaluation with the highest top-1 so far.
 
@@ -163,7 +170,8 @@ class BestCheckpoint:
     if not self.enabled:
       return
     options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=True,
+                                           multiprocessing_options=_barriers('best'))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_item_handlers())
     step = self._manager.latest_step()
@@ -195,7 +203,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(every_steps), 1), max_to_keep=max(int(keep), 1), create=True,
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True, multiprocessing_options=_barriers('train'))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_item_handlers())
 

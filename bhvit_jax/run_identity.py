@@ -4,7 +4,8 @@ A resumed run must be the run its checkpoints belong to: a change to any key tha
 trajectory (batch size, length, seed, data, model, optimizer, loss, ...) is refused unless
 `config.allow_config_change` is set, in which case it is logged and recorded in the file's
 `changes`. The keys of `FREE_KEYS` (and everything under them) only say how the run is logged,
-checkpointed, evaluated or laid out on devices, and may change on any restart.
+checkpointed, evaluated or laid out on devices, and may change on any restart. A change of
+process count with mixup/cutmix on is allowed but warned about: those mix each process's rows.
 """
 import importlib.metadata
 import json
@@ -15,6 +16,7 @@ import platform
 
 import jax
 
+from bhvit_jax import augment as augment_lib
 from bhvit_jax import config_lib
 from bhvit_jax import sharding as sharding_lib
 
@@ -91,6 +93,7 @@ def check(config, workdir: str, resuming_from) -> list:
     return []
   with open(path) as f:
     stored = json.load(f)
+  _warn_if_mixing_moves(config, stored.get('process_count'), resuming_from)
   changed = changed_keys(stored['config'], _config_record(config))
   if not changed:
     return stored.get('changes', [])
@@ -103,6 +106,18 @@ def check(config, workdir: str, resuming_from) -> list:
   logging.warning('resuming step %d with a changed configuration: %s', resuming_from, listing)
   return stored.get('changes', []) + [
       {'step': resuming_from, 'changed': {k: list(v) for k, v in changed.items()}}]
+
+
+def _warn_if_mixing_moves(config, stored_processes, step) -> None:
+  """Mixup/cutmix pair each process's rows (augment.batch_rng): on another process count the
+  mixed pairs change from the resumed step on, though the data order does not."""
+  augment = config.get('augment')
+  if (augment is None or not augment_lib.mixing_active(augment)
+      or stored_processes in (None, jax.process_count())):
+    return
+  logging.warning('resuming step %d on %d processes instead of %d: mixup/cutmix mix each '
+                  "process's rows, so the mixed pairs change from here on", step,
+                  jax.process_count(), stored_processes)
 
 
 def record(config, workdir: str, mesh, changes: list) -> None:

@@ -6,7 +6,6 @@ import os
 import pathlib
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,30 +17,9 @@ from bhvit_jax import data as data_lib
 from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import train
+from standin import StandIn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-class TinyNet(nn.Module):
-  """Stand-in with the BHViT interface; `norm='layer'` and `dropout=0` make every example's
-  loss independent of the others in its batch and of the dropout keys."""
-  num_classes: int = 10
-  image_size: int = 8
-  weight_bits: int = 1
-  some_fp: bool = True
-  norm: str = 'batch'
-  dropout: float = 0.2
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3), name='cov1')(x)
-    if self.norm == 'batch':
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name='norm')(x)
-    else:
-      x = nn.LayerNorm(name='norm')(x)
-    x = nn.Dense(16, name='dense')(nn.relu(x).mean(axis=(1, 2)))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='classifier')(x)
 
 
 def _config(**overrides):
@@ -71,7 +49,7 @@ def test_ema_is_the_closed_form_and_accumulation_updates_batchnorm_per_micro_bat
   """ema_n = dⁿ·w₀ + (1 − d)·Σ_k d^(n−k)·w_k over the applied steps k (params and BatchNorm
   statistics); a non-finite step leaves the average alone. With 2 micro-batches the running
   statistics after a step are those of the micro-batches (rows j, j + 2, ...) in turn."""
-  model, config, decay = TinyNet(dropout=0.0), _config(), 0.7
+  model, config, decay = StandIn(dropout=0.0), _config(), 0.7
   tx, step = _step_fn(model, config, ema_decay=decay, grad_accum_steps=2)
   variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 3)))
   state = train.create_train_state(variables, tx, ema=True)
@@ -103,7 +81,7 @@ def test_ema_is_the_closed_form_and_accumulation_updates_batchnorm_per_micro_bat
 
 
 def test_accumulating_4_micro_batches_equals_one_step_of_the_whole_batch():
-  model, config = TinyNet(norm='layer', dropout=0.0), _config()
+  model, config = StandIn(norm='layer', dropout=0.0), _config()
   variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 3)))
   finals = []
   for accum in (1, 4):
@@ -140,7 +118,7 @@ def test_best_checkpoint_survives_rotation_with_ema_holdout_and_accumulation(tmp
   """A whole run: evaluations on the held-out split beside the EMA's, the best one (argmax of
   the logged top-1; scripted so that it is not the last) kept past keep_checkpoints=1, and
   `WORKDIR:best` loads the weights whose evaluation was logged."""
-  monkeypatch.setattr(model_lib, 'build', lambda *args: TinyNet())
+  monkeypatch.setattr(model_lib, 'build', lambda *args: StandIn())
   config = _config(checkpoint_every_steps=2, keep_checkpoints=1, eval_every_steps=2,
                    log_every_steps=2, ema_decay=0.5, grad_accum_steps=2)
   config.data.holdout_fraction = 0.02
@@ -168,7 +146,7 @@ def test_best_checkpoint_survives_rotation_with_ema_holdout_and_accumulation(tmp
   assert os.listdir(os.path.join(workdir, 'checkpoints_best')) == ['4']
   assert ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), 2, 1).latest_step() == 8
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', '4'))
-  model = TinyNet()
+  model = StandIn()
   eval_step = jax.jit(train.make_eval_step(model))
   for ema, records in ((False, evals), (True, emas)):
     variables = ckpt_lib.load_any(f'{workdir}:best', model, ema=ema)

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +37,7 @@ from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import plots
 from bhvit_jax import train
+from standin import StandIn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config.model.hidden_sizes=(16,32,64,128)', '--config.model.mlp_sizes=(32,64,128,256)',
@@ -352,20 +352,6 @@ def test_dotted_key_suggestions_cover_nested_keys():
 POISONED_STEP = 2
 
 
-class StandIn(nn.Module):
-  """Binarizable kernel (`dense`), BatchNorm statistics and BHViT's attributes."""
-  num_classes: int = 10
-  image_size: int = 8
-  weight_bits: int = 1
-  some_fp: bool = True
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(4, (3, 3), strides=(2, 2), name='cov1')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name='norm')(x)
-    return nn.Dense(self.num_classes, name='dense')(x.mean(axis=(1, 2)))
-
-
 class _PoisonedIter:
   """The real train iterator with NaN pixels in the batch of POISONED_STEP."""
 
@@ -388,7 +374,8 @@ class _PoisonedIter:
 
 
 def _stand_in(mp, poisoned=True):
-  mp.setattr(model_lib, 'build', lambda *args: StandIn())
+  mp.setattr(model_lib, 'build',
+             lambda *args: StandIn(width=4, stride=2, hidden=0, dropout=0.0))
   mp.setattr(plots, 'plot_runs', lambda *args: None)  # matplotlib: 3 s a run, not tested here
   if poisoned:
     mp.setattr(data_lib, 'build_train_iter',

@@ -7,7 +7,6 @@ import pathlib
 import signal
 import threading
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +17,7 @@ from bhvit_jax import data as data_lib
 from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import train
+from standin import StandIn
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,22 +28,6 @@ def _demo_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-class TinyNet(nn.Module):
-  """Stand-in with the BHViT interface (names of binarized kernels, BatchNorm, dropout)."""
-  num_classes: int = 10
-  image_size: int = 8
-  weight_bits: int = 1
-  some_fp: bool = True
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    x = nn.Conv(8, (3, 3), name='cov1')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name='norm')(x)
-    x = nn.Dense(16, name='dense')(nn.relu(x).mean(axis=(1, 2)))
-    x = nn.Dropout(0.2, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='classifier')(x)
 
 
 def _config(**overrides):
@@ -63,7 +47,7 @@ def _config(**overrides):
 
 @pytest.fixture
 def tiny_model(monkeypatch):
-  monkeypatch.setattr(model_lib, 'build', lambda *args: TinyNet())
+  monkeypatch.setattr(model_lib, 'build', lambda *args: StandIn())
 
 
 def _leaves(state):
@@ -154,7 +138,7 @@ def test_nonfinite_batches_are_skipped_then_stop(tmp_path, tiny_model, monkeypat
 
 
 def test_train_step_skips_nan_and_keeps_state():
-  model = TinyNet()
+  model = StandIn()
   config = _config()
   config.optim.schedule = 'constant'
   tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=16, total_steps=6)
@@ -178,7 +162,7 @@ def test_train_step_skips_nan_and_keeps_state():
 def test_short_run_lowers_loss():
   config = _config()
   config.optim.update(base_lr=1e-2, lr_batch_scale=16, schedule='constant')
-  model = TinyNet()
+  model = StandIn()
   tx, lr_fn, beta_fn = optim.build_optimizer(config.optim, global_batch_size=16, total_steps=20)
   batch = next(data_lib.build_train_iter(config))
   state = train.create_train_state(model_lib.init_variables(model, jax.random.PRNGKey(0)), tx)
@@ -198,7 +182,7 @@ def test_sign_flip_rate_by_hand():
          'classifier': {'kernel': jnp.ones((2, 2))}}
   new = {'dense': {'kernel': jnp.array([[1.0, -1.0], [0.5, 2.0]])},
          'classifier': {'kernel': -jnp.ones((2, 2))}}
-  mask = model_lib.binary_kernel_mask(old, TinyNet())
+  mask = model_lib.binary_kernel_mask(old, StandIn())
   assert mask == {'dense': {'kernel': True}, 'classifier': {'kernel': False}}
   # Output channel 0: [1, 3] centres to [-1, +1], [1, .5] to [+.25, -.25]: 2 flips.
   # Output channel 1: [-1, 1] and [-1, 2] both centre to signs [-, +]: no flip.
@@ -230,7 +214,7 @@ def test_checkpoint_falls_back_past_corrupt_latest_and_reports_shapes(tmp_path, 
 def test_regularizer_in_loss_or_in_optimizer_gives_the_same_params():
   config = _config()
   config.optim.update(schedule='constant', reg_beta=0.5, weight_decay=0.0)
-  model = TinyNet()
+  model = StandIn()
   variables = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 3)))
   batch = {'image': jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3)),
            'label': jnp.array([0, 1, 2, 3])}
