@@ -1,10 +1,10 @@
 """Shared pytest fixtures (the reference fixtures beside the checkout, ../shared/fixtures) and
 the suite's distribution over pytest-xdist workers.
 
-`make test` runs `-n 2 --dist loadgroup`: a test that uses a module- or session-scoped fixture
-of its own module joins the xdist group of that module (unless it names a group itself), so
-an expensive fixture (a trained run, a multi-process job) is built on one worker, not once
-per worker that happens to receive one of its tests.
+`make test` runs `-n 2 --dist loadgroup`: tests that share a module- or session-scoped fixture
+of their module join one xdist group (unless they name a group themselves), so an expensive
+fixture (a trained run, a multi-process job) is built on one worker, not once per worker that
+happens to receive one of its tests.
 
 The suite's cost is XLA compilation; compiling the CPU kernels without LLVM's optimizations
 (`--xla_backend_optimization_level=0`, set before jax starts and inherited by the suite's
@@ -26,25 +26,35 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / 'shared' / 'fixtures'
 
 
-def _shared_fixture_group(item):
-  """The xdist group of `item`: its module's name when it uses a module/session fixture that
-  its module defines, else None."""
+def _shared_fixtures(item) -> list:
+  """Names of the module/session-scoped fixtures of `item`'s own module that it uses."""
   module = item.module.__name__
-  for defs in item._fixtureinfo.name2fixturedefs.values():  # pylint: disable=protected-access
-    definition = defs[-1]
-    if definition.scope in ('module', 'session') and getattr(
-        definition.func, '__module__', None) == module:
-      return module
-  return None
+  return sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()  # pylint: disable=protected-access
+                if defs[-1].scope in ('module', 'session')
+                and getattr(defs[-1].func, '__module__', None) == module)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into scheduling scopes
 def pytest_collection_modifyitems(items):
+  """Tests connected through shared fixtures form one group `module:fixture` (the
+  alphabetically first fixture of the connected set)."""
+  parent = {}
+
+  def root(key):
+    while parent.setdefault(key, key) != key:
+      key = parent[key]
+    return key
+  uses = {}
   for item in items:
     if item.get_closest_marker('xdist_group') is None:
-      group = _shared_fixture_group(item)
-      if group:
-        item.add_marker(pytest.mark.xdist_group(group))
+      keys = [f'{item.module.__name__}:{name}' for name in _shared_fixtures(item)]
+      for key in keys[1:]:
+        a, b = sorted((root(keys[0]), root(key)))
+        parent[b] = a
+      uses[item] = keys
+  for item, keys in uses.items():
+    if keys:
+      item.add_marker(pytest.mark.xdist_group(root(keys[0])))
 
 
 @pytest.fixture(scope='session')
