@@ -77,11 +77,10 @@ def _block_outputs(block, variables, x):
   """Train-mode output, BatchNorm updates and gradients (params, input) of one block."""
 
   def run(params, x):
-    cotangent = jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape)
-
     def loss_fn(params, x):
       y, updates = block.apply({**variables, 'params': params}, x, True,
                                mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(5)})
+      cotangent = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
       return jnp.sum(y * cotangent), (y, updates['batch_stats'])
 
     (_, (y, stats)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
@@ -103,15 +102,28 @@ def _spec(**fields):
   return model_lib.BHViT(**SMALL, **fields).spec()
 
 
-def test_split_groups_block_matches_grouped_block(x64):
-  x = jnp.asarray(np.random.RandomState(2).randn(2, 8, 8, 16))
-  plain = model_lib.Block(_spec(), 'conv', 1, 32)
+def _lowered(model, variables, x):
+  return jax.jit(lambda v, x: model.apply(v, x, False)).lower(variables, x).as_text()
+
+
+def test_fast_paths_match_plain_model(x64):
+  # The whole (small) model on both paths: train-mode logits, BatchNorm updates, every
+  # gradient, and eval-mode logits (strided run sums, materialized wide activations).
+  x = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3))
+  plain = model_lib.BHViT(**SMALL, fast_paths='plain')
+  fast = model_lib.BHViT(**SMALL, fast_paths='cpu')
   variables = plain.init({'params': jax.random.PRNGKey(0)}, x, False)
+  assert (jax.tree.map(jnp.shape, fast.init({'params': jax.random.PRNGKey(0)}, x, False))
+          == jax.tree.map(jnp.shape, variables))
   expected = _block_outputs(plain, variables, x)
-  got = _block_outputs(model_lib.Block(_spec(split_groups=True), 'conv', 1, 32), variables, x)
-  _assert_trees_close(got, expected)
+  _assert_trees_close(_block_outputs(fast, variables, x), expected)
   # Not vacuous: the binarized token-mixer kernels do receive gradient.
-  assert float(jnp.abs(expected['grads']['params']['GC']['cov3']['kernel']).sum()) > 0
+  assert float(jnp.abs(expected['grads']['params']['layerA_0']['GC']['cov3']['kernel']).sum()) > 0
+  # The switch switches: per-group convolutions and materialization barriers (conditionals on
+  # CPU) only on the fast path.
+  plain_hlo, fast_hlo = _lowered(plain, variables, x), _lowered(fast, variables, x)
+  assert 'feature_group_count = 4' in plain_hlo and 'feature_group_count = 4' not in fast_hlo
+  assert 'stablehlo.case' not in plain_hlo and 'stablehlo.case' in fast_hlo
 
 
 @pytest.mark.parametrize('kind,width', [('attention', 32), ('conv', 16)])
@@ -355,3 +367,5 @@ def test_split_groups_auto_picks_per_group_convolutions_on_cpu():
   assert _grouped_convs(path, ('split_groups', False))
   assert _grouped_convs(path, ('split_groups', 'False'))  # as a --config override arrives
   assert not _grouped_convs(path, ('split_groups', True))
+  assert _grouped_convs(path, ('fast_paths', 'plain'))  # 'auto' follows the fast paths
+  assert not _grouped_convs(path, ('fast_paths', 'plain'), ('split_groups', True))
