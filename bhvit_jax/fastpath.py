@@ -85,10 +85,6 @@ def per_group_conv(conv, x, kernel, groups: int):
   return jnp.concatenate([conv(a, b, 1) for a, b in zip(xs, ks)], axis=-1)
 
 
-def _tile_channels(x, k):
-  return jnp.tile(x, (1,) * (x.ndim - 1) + (k,))
-
-
 def mean_runs(x, features: int):
   """x itself for equal widths; otherwise the mean of each run of `C/features` channels."""
   c = x.shape[-1]
@@ -141,13 +137,15 @@ class ChannelLayout:
     """The layer's result back in the flat `[..., f]` layout."""
     return y.reshape(y.shape[:y.ndim - self.out_axes] + (self.f,))
 
-  def shortcut(self, x, train: bool):
-    """The residual from the `[..., c]` input to the output layout: tiled, averaged or x."""
+  def shortcut(self, xv, train: bool):
+    """The residual from the input (as `input` lays it out) to the output layout: tiled,
+    averaged or the input itself."""
     if self.f > self.c:
-      return x[..., None, :] if self.view else _tile_channels(x, self.f // self.c)
-    if self.view:
-      return strided_run_means(self.input(x), train)
-    return mean_runs(x, self.f)
+      k = self.f // self.c
+      return xv[..., None, :] if self.view else jnp.tile(xv, (1,) * (xv.ndim - 1) + (k,))
+    if self.in_axes == 2:
+      return strided_run_means(xv, train)
+    return mean_runs(xv, self.f)
 
   def materialize(self, y, train: bool):
     """The widened output written once for its readers (inference, fast path).

@@ -85,7 +85,7 @@ class Projection(nn.Module):
     xv = layout.input(x)
     move = layers.channel_param(self, 'move', nn.initializers.zeros, xv, layout.in_axes)
     y = _dense(self.spec, self.features, 'dense', layout.in_axes)(xv + move)
-    y = norm_residual_act(self, layout.output(y), layout.shortcut(x, train), train,
+    y = norm_residual_act(self, layout.output(y), layout.shortcut(xv, train), train,
                           channel_axes=layout.out_axes)
     y = layout.materialize(y, train)
     if self.layerscale:
