@@ -192,6 +192,9 @@ def jax_case(config, mode: str, batch: int, repeats: int, weights: str, compute_
 
   start = time.perf_counter()
   if mode == 'train':
+    # The training loop calibrates the attention quantizers on its first batch; the step
+    # refuses uncalibrated ones.
+    variables, _ = model_lib.calibrate(model, variables, images)
     step, compiled = _jax_train_step(train, config, variables, images, labels, batch)
   elif mode == 'eval':
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
