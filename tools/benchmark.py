@@ -2,7 +2,7 @@ r"""Training and inference throughput and peak memory of bhvit_jax, optionally b
 
   python tools/benchmark.py --config configs/bhvit_tiny.py --batch 16 --mode train --json
   python tools/benchmark.py --variant small --mode eval,train --torch-repo ../BHViT
-  python tools/benchmark.py --config configs/bhvit_tiny.py --config.model.split_groups=False
+  python tools/benchmark.py --config configs/bhvit_tiny.py --config.model.fast_paths=plain
 
 Without --config the model is a size of `bhvit_jax.model.VARIANTS` (--variant, updated by
 --model-json) with the published flags, trained with a fixed AdamW recipe (`variant_config`).
