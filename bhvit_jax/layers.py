@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from bhvit_jax import quantizers
-from bhvit_jax import remat
+from bhvit_jax import fastpath
 
 EPS = 1e-5
 Dtype = Any
@@ -41,8 +41,8 @@ class BinaryDense(nn.Module):
     weight_bits / input_bits: 1 (binarized) or 32 (plain float).
     recu: ReCU weight normalization (docs/reference.md §2).
     use_bias: the reference's binary linears have none; the classifier has one.
-    channel_axes: how many trailing axes of the input form its channels (a wide activation
-      may arrive as a `[..., k, C]` view of its `k·C` channels); the kernel is `[k·C, out]`.
+    channel_axes: how many trailing axes of the input form its channels (`channel_param`);
+      the kernel is `[in, out]` either way.
   """
   features: int
   weight_bits: int = 1
@@ -72,8 +72,7 @@ class BinaryConv(nn.Module):
   Attributes:
     padding: symmetric zero padding on each side (PyTorch's `padding='same'` for odd kernels
       with dilation d is `d * (k // 2)`).
-    split_groups: compute a grouped conv as one conv per group; XLA's CPU grouped convolution
-      is slow, so this is the faster path there (same numbers).
+    split_groups: compute a grouped conv as one conv per group (`fastpath.per_group_conv`).
   """
   features: int
   kernel_size: int
@@ -107,20 +106,17 @@ class BinaryConv(nn.Module):
         lhs, rhs, window_strides=(self.stride,) * 2,
         padding=[(self.padding, self.padding)] * 2, rhs_dilation=(self.dilation,) * 2,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
-    if self.groups == 1 or not self.split_groups:
-      return conv(x, kernel, self.groups)
-    xs = jnp.split(x, self.groups, axis=-1)
-    ks = jnp.split(kernel, self.groups, axis=-1)
-    return jnp.concatenate([conv(a, b, 1) for a, b in zip(xs, ks)], axis=-1)
+    if self.groups > 1 and self.split_groups:
+      return fastpath.per_group_conv(conv, x, kernel, self.groups)
+    return conv(x, kernel, self.groups)
 
 
 def channel_param(module: nn.Module, name: str, init: Callable, x, channel_axes: int = 1):
   """A per-channel parameter, stored flat `[C]` and shaped as x's trailing `channel_axes` axes.
 
-  Wide activations travel as `[..., k, C/k]` views: elementwise work then broadcasts a narrow
-  residual along a non-minor axis, which XLA's CPU backend vectorizes (a `[..., k·C]` tile is
-  several times slower; docs/performance.md), while the parameters keep the reference's flat
-  layout.
+  The channels of x may be laid out over several trailing axes (as flax's `feature_axes`),
+  e.g. a `[..., k, C/k]` view of a wide activation (`fastpath.ChannelLayout`); the parameters
+  keep the reference's flat layout either way.
   """
   shape = x.shape[x.ndim - channel_axes:]
   return module.param(name, init, (math.prod(shape),)).reshape(shape).astype(x.dtype)
@@ -168,7 +164,7 @@ class TokenNorm(nn.Module):
   with the biased batch variance and updates the running statistics with momentum 0.1 and the
   *unbiased* variance. Under `jit` with a sharded batch the means are over the global batch,
   as PyTorch's SyncBatchNorm. `kind='layer'`: LayerNorm with a two-pass variance.
-  `channel_axes`: trailing axes that form the channels (see `channel_param`); parameters and
+  `channel_axes`: trailing axes that form the channels (`channel_param`); parameters and
   statistics are stored flat.
   """
   kind: str = 'batch'
@@ -268,70 +264,32 @@ class ShiftScale(nn.Module):
             channel_param(self, 'move', nn.initializers.zeros, x))
 
 
-def shift_residuals(x, scales):
-  """The reference's shift paths, `sum(shift(x) * alpha + move)`, as one per-channel stencil.
+def shift_residuals(x, scales, fast: bool = False):
+  """The reference's shift paths, `sum(shift(x) * alpha + move)` (docs/reference.md §4).
 
   Paths, keyed `(kind, reach)`: `'h'`/`'w'` is the mean of x rolled by every offset in
-  {0, ±1, …, ±reach} (circular) along H/W; `'ch'` rolls four contiguous channel groups by
-  +reach/-reach along H, then along W. Each is linear in rolls of x along H or W, so all of
-  them fold into per-channel weights on at most nine rolled copies. Summed path by path,
-  XLA:CPU emits every roll as a concatenation inside one fused loop and does not vectorize
-  it (docs/performance.md gives the measured difference).
+  {0, ±1, …, ±reach} (circular) along H/W; `'ch'` rolls four contiguous channel groups of x
+  by +reach/-reach along H, then by +reach/-reach along W. `fast`: the same sum folded into
+  one stencil (`fastpath.folded_shifts`).
 
   Args:
     x: `[B, H, W, C]`, C divisible by 4.
     scales: `{(kind, reach): (alpha, move)}`, each `[C]`.
   Returns: `[B, H, W, C]`, the sum over all paths.
   """
-  group = jnp.arange(x.shape[-1]) // (x.shape[-1] // 4)
-  stencil = {}  # (axis, offset) -> per-channel weight
-  def add(axis, offset, weight):
-    stencil[axis, offset] = stencil.get((axis, offset), 0) + weight
-  for (kind, reach), (alpha, _) in scales.items():
+  if fast:
+    return fastpath.folded_shifts(x, scales)
+  total = 0
+  for (kind, reach), (alpha, move) in scales.items():
     if kind == 'ch':
-      for g, (axis, offset) in enumerate(((1, reach), (1, -reach), (2, reach), (2, -reach))):
-        add(axis, offset, jnp.where(group == g, alpha, 0))
+      groups = jnp.split(x, 4, axis=-1)
+      rolls = ((1, reach), (1, -reach), (2, reach), (2, -reach))
+      path = jnp.concatenate([jnp.roll(g, s, axis=a) for g, (a, s) in zip(groups, rolls)], -1)
     else:
-      for offset in range(-reach, reach + 1):
-        add({'h': 1, 'w': 2}[kind], offset, alpha / (2 * reach + 1))
-  offsets = tuple(stencil)
-  weights = jnp.stack([stencil[k] for k in offsets])
-  return sum(move for _, move in scales.values()) + roll_stencil(x, weights, offsets)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def roll_stencil(x, weights, offsets):
-  """`sum_k roll(x, offsets[k]) * weights[k]`.
-
-  Args:
-    x: `[..., C]`.
-    weights: `[K, C]`.
-    offsets: K `(axis, shift)` pairs.
-  """
-  return sum(jnp.roll(x, shift, axis=axis) * w for (axis, shift), w in zip(offsets, weights))
-
-
-def _roll_stencil_fwd(x, weights, offsets):
-  return roll_stencil(x, weights, offsets), (x, weights)
-
-
-def _roll_stencil_bwd(offsets, residuals, g):
-  # The input gradient is the mirrored stencil applied to g (a per-channel weight commutes
-  # with a spatial roll) and each weight's is sum(roll(g, -shift) * x), so the backward pass
-  # reads nine rolls of g and x itself. g comes opaque: XLA:CPU otherwise fuses its whole
-  # producer (the residual stream's gradient) into every roll; rolls of x would be merged
-  # with the forward's and kept alive.
-  x, weights = residuals
-  g = remat.opaque(g, g)
-  dx = roll_stencil(g, weights, tuple((axis, -shift) for axis, shift in offsets))
-  axes = tuple(range(x.ndim - 1))
-  acc = jnp.promote_types(g.dtype, jnp.float32)  # bfloat16 gradients sum in float32
-  dw = jnp.stack([jnp.sum(jnp.roll(g, -shift, axis=axis) * x, axis=axes, dtype=acc)
-                  for axis, shift in offsets])
-  return dx, dw.astype(weights.dtype)
-
-
-roll_stencil.defvjp(_roll_stencil_fwd, _roll_stencil_bwd)
+      axis = {'h': 1, 'w': 2}[kind]
+      path = sum(jnp.roll(x, s, axis=axis) for s in range(-reach, reach + 1)) / (2 * reach + 1)
+    total = total + path * alpha + move
+  return total
 
 
 def drop_path(x, rate: float, deterministic: bool, rng_owner: nn.Module):

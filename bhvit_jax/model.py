@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bhvit_jax import config_lib
+from bhvit_jax import fastpath
 from bhvit_jax import layers
 from bhvit_jax import quantizers
 from bhvit_jax import remat as remat_lib
@@ -37,6 +38,7 @@ class BlockSpec:
   shift5: bool
   layerscale: bool
   window_size: int
+  fast: bool  # the fast paths (`fastpath.enabled`)
   split_groups: bool
   dtype: Any
 
@@ -66,11 +68,11 @@ class TokenMixer(nn.Module):
 
 
 class Projection(nn.Module):
-  """`RPReLU(norm(binary_linear(x + move)) + residual(x))`, the reference's binary linear unit.
+  """`RPReLU(norm(binary_linear(x + move)) + shortcut(x))`, the reference's binary linear unit.
 
-  `residual` repeats x along channels when widening and averages runs of channels when
-  narrowing (the MLP's shortcuts); equal widths add x itself. The wide side is computed as a
-  `[..., k, C]` view (see `layers.channel_param`); parameters and results keep the flat layout.
+  `shortcut` repeats x along channels when widening and averages runs of channels when
+  narrowing (the MLP's shortcuts); equal widths add x itself. On the fast path the wide side
+  is computed in a `[..., k, C]` view (`fastpath.ChannelLayout`).
   """
   spec: BlockSpec
   features: int
@@ -79,34 +81,16 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     """`[..., C]` -> `[..., features]`."""
-    c, f = x.shape[-1], self.features
-    lead = x.shape[:-1]
-    in_view = c > f and c % f == 0 and f % (c // f) == 0
-    xv = x.reshape(lead + (c // f, f)) if in_view else x
-    in_axes = 2 if in_view else 1
-    move = layers.channel_param(self, 'move', nn.initializers.zeros, xv, in_axes)
-    y = _dense(self.spec, f, 'dense', in_axes)(xv + move)
-    if f > c:
-      y, residual, out_axes = y.reshape(lead + (f // c, c)), x[..., None, :], 2
-    elif in_view:
-      k = c // f
-      runs = xv.reshape(lead + (k, f // k, k))
-      # Inference sums strided slices, which XLA's CPU backend keeps out of the next matmul's
-      # fusion (a reduction fused there is much slower); training reduces, because a slice's
-      # gradient is a padded copy per slice while a reduction's is one broadcast.
-      runs = jnp.mean(runs, axis=-1) if train else sum(runs[..., j] for j in range(k)) / k
-      residual, out_axes = runs.reshape(lead + (f,)), 1
-    else:
-      residual, out_axes = _mean_runs(x, f), 1
-    y = norm_residual_act(self, y, residual, train, channel_axes=out_axes)
-    if f > c and not train:
-      # Materialized once for its two readers (the output projection's sign and its run
-      # means); XLA:CPU otherwise recomputes the whole chain inside both, written out in the
-      # flat layout it does not vectorize.
-      y = remat_lib.opaque(y, y)
+    layout = fastpath.ChannelLayout.of(x.shape[-1], self.features, self.spec.fast)
+    xv = layout.input(x)
+    move = layers.channel_param(self, 'move', nn.initializers.zeros, xv, layout.in_axes)
+    y = _dense(self.spec, self.features, 'dense', layout.in_axes)(xv + move)
+    y = norm_residual_act(self, layout.output(y), layout.shortcut(xv, train), train,
+                          channel_axes=layout.out_axes)
+    y = layout.materialize(y, train)
     if self.layerscale:
-      y = LayerScale(name='layerscale', channel_axes=out_axes)(y)
-    return y.reshape(lead + (f,))
+      y = LayerScale(name='layerscale', channel_axes=layout.out_axes)(y)
+    return layout.flat(y)
 
 
 def _norm_residual_act(module, y, residual, train, suffix, channel_axes):
@@ -127,14 +111,6 @@ def norm_residual_act(module, y, residual, train, suffix='', channel_axes=1):
   """
   fn = _recomputed_norm_residual_act if train else _norm_residual_act
   return fn(module, y, residual, train, suffix, channel_axes)
-
-
-def _mean_runs(x, features):
-  """x itself for equal widths; otherwise the mean of each run of `C/features` channels."""
-  c = x.shape[-1]
-  if features == c:
-    return x
-  return jnp.mean(x.reshape(x.shape[:-1] + (features, c // features)), axis=-1)
 
 
 def window_partition(x, w):
@@ -353,7 +329,7 @@ class Block(nn.Module):
     scales = {(kind, reach): layers.ShiftScale(name=f'layerscale_{kind}{2 * reach + 1}')(n2)
               for reach, flag in ((1, s.shift3), (2, s.shift5)) if flag
               for kind in ('h', 'w', 'ch')}
-    return out + layers.shift_residuals(n2, scales) if scales else out
+    return out + layers.shift_residuals(n2, scales, s.fast) if scales else out
 
   def _mixer(self, n1, train):
     if self.kind == 'conv':
@@ -378,7 +354,8 @@ class AttentionUnit(nn.Module):
 class Downsample(nn.Module):
   """Stage transition `C -> 2C`, `H -> H/2` (the reference's `patch_embedK`).
 
-  Binary: `RPReLU(norm(binary conv 2x2/2 (norm0(h) + move)) + avgpool2x2(norm0(h)) tiled) + pos`.
+  Binary: `RPReLU(norm(binary conv 2x2/2 (norm0(h) + move)) + avgpool2x2(norm0(h)) tiled) + pos`
+  (the tiled sum in a `[..., k, C]` view on the fast path, `fastpath.ChannelLayout`).
   Full precision (`some_fp`): `norm(conv 2x2/2 (norm0(h))) + pos`.
   """
   spec: BlockSpec
@@ -400,13 +377,11 @@ class Downsample(nn.Module):
     if self.full_precision:
       return TokenNorm(s.norm, name='norm')(conv(n), train) + pos.astype(n.dtype)
     move = self.param('move', nn.initializers.zeros, (c,)).astype(n.dtype)
-    residual = nn.avg_pool(n, (2, 2), strides=(2, 2))
-    y = conv(n + move)
-    # The tiled residual is added in the `[..., k, C]` view (see `layers.channel_param`).
-    view = y.shape[:-1] + (self.features // c, c)
-    y = norm_residual_act(self, y.reshape(view), residual[..., None, :], train, channel_axes=2)
-    return (y + pos.reshape(pos.shape[:-1] + view[-2:]).astype(y.dtype)).reshape(
-        y.shape[:-2] + (self.features,))
+    shortcut = nn.avg_pool(n, (2, 2), strides=(2, 2))
+    layout = fastpath.ChannelLayout.of(c, self.features, s.fast)
+    y = norm_residual_act(self, layout.output(conv(n + move)), layout.shortcut(shortcut, train),
+                          train, channel_axes=layout.out_axes)
+    return layout.flat(y + layout.output(pos).astype(y.dtype))
 
 
 class Embeddings(nn.Module):
@@ -495,13 +470,11 @@ def _split_groups_setting(value):
   return bool(value)
 
 
-def resolve_split_groups(value) -> bool:
-  """`split_groups` as used: 'auto' is per-group on CPU (XLA:CPU's grouped convolution is
-  far slower than one convolution per group; docs/performance.md) and grouped elsewhere.
-  The backend is asked only here, at trace time: a multi-process run must not start it
-  before `jax.distributed.initialize`."""
+def resolve_split_groups(value, fast_paths: str = 'auto') -> bool:
+  """`split_groups` as used: 'auto' follows the fast paths (`fastpath.enabled`: per group on
+  CPU, grouped elsewhere unless `fast_paths` says otherwise); True/False are kept."""
   setting = _split_groups_setting(value)
-  return jax.default_backend() == 'cpu' if setting == 'auto' else setting
+  return fastpath.enabled(fast_paths) if setting == 'auto' else setting
 
 
 class BHViT(nn.Module):
@@ -524,6 +497,8 @@ class BHViT(nn.Module):
   recu: bool = False
   disable_layerscale: bool = False
   drop_path: float = 0.0
+  # 'auto' (fast layouts on the backends they help), 'plain' or 'cpu' (`fastpath`).
+  fast_paths: str = 'auto'
   split_groups: Any = 'auto'  # True, False or 'auto' (resolve_split_groups)
   remat_stages: Sequence[int] = ()  # stages (1-4) recomputed in the backward pass: less memory
   dtype: Any = None
@@ -531,7 +506,8 @@ class BHViT(nn.Module):
   def spec(self) -> BlockSpec:
     return BlockSpec(self.weight_bits, self.input_bits, self.norm, self.recu, self.gsb,
                      self.shift3, self.shift5, not self.disable_layerscale, self.window_size,
-                     resolve_split_groups(self.split_groups), self.dtype)
+                     fastpath.enabled(self.fast_paths),
+                     resolve_split_groups(self.split_groups, self.fast_paths), self.dtype)
 
   @nn.compact
   def __call__(self, images, train: bool = False, calibrate: bool = False,
@@ -613,10 +589,11 @@ def validate(m: BHViT):
     errors.append(f'image_size={m.image_size}: the stage-3/4 grids '
                   f'{m.image_size // (m.patch_size * 4)} and {m.image_size // (m.patch_size * 8)}'
                   f' must be divisible by window_size={w}')
-  try:
-    _split_groups_setting(m.split_groups)
-  except ValueError as e:
-    errors.append(str(e))
+  for check, value in ((_split_groups_setting, m.split_groups), (fastpath.check, m.fast_paths)):
+    try:
+      check(value)
+    except ValueError as e:
+      errors.append(str(e))
   if not set(m.remat_stages) <= {1, 2, 3, 4}:
     errors.append(f'remat_stages={tuple(m.remat_stages)} must hold stage numbers 1-4')
   for name, value, allowed in (('weight_bits', m.weight_bits, (1, 32)),

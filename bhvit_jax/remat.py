@@ -1,53 +1,18 @@
-"""Rematerialization and materialization points that also work on XLA's CPU backend.
+"""Rematerialization that also works on XLA's CPU backend.
 
 `jax.checkpoint` marks the recomputation's inputs with an optimization barrier so that XLA
 does not merge it with the forward pass. XLA's CPU pipeline drops those barriers, common
 subexpression elimination then merges the two, and the forward activations stay alive until
-the backward pass: on CPU `jax.checkpoint` costs time and saves nothing. `opaque` is a barrier
-that holds on CPU too, `after` a lighter ordering constraint; `recompute_in_backward`
-recomputes a function from inputs that only exist in the backward pass, so only the inputs are
-kept.
+the backward pass: on CPU `jax.checkpoint` costs time and saves nothing.
+`recompute_in_backward` recomputes a function from inputs that only exist in the backward pass
+(`fastpath.after`, an ordering constraint that holds on CPU too), so only the inputs are kept.
 """
 from flax.core import lift
 import flax.linen as nn
 import jax
 import jax.extend
-import jax.numpy as jnp
 
-
-def _is_float(leaf):
-  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
-
-
-def opaque(tree, probe):
-  """`tree` unchanged, as buffers that XLA neither fuses into their readers nor merges.
-
-  The result is only available once `probe` is. On XLA:CPU, which drops optimization barriers,
-  this is a conditional whose predicate is true for every value of `probe` (NaN included) but
-  known only at run time; other backends honour `lax.optimization_barrier`.
-  """
-  if jax.default_backend() != 'cpu':
-    return jax.lax.optimization_barrier((tree, probe))[0]
-  probe = probe.reshape(-1)[0]
-  return jax.lax.cond((probe == probe) | (probe != probe), lambda t: t,
-                      lambda t: jax.tree_util.tree_map(jnp.zeros_like, t), tree)
-
-
-def after(tree, probe):
-  """`tree` unchanged, as values XLA can only compute once `probe` exists.
-
-  Unlike `opaque`, XLA may still fuse them into their readers, so nothing is copied: on
-  XLA:CPU float leaves are multiplied by a 1 that only a conditional on `probe` yields
-  (bit-exact), other leaves go through `opaque`; other backends use `lax.optimization_barrier`.
-  """
-  if jax.default_backend() != 'cpu':
-    return jax.lax.optimization_barrier((tree, probe))[0]
-  one = opaque(jnp.ones((), jnp.float32), probe)
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  others = iter(opaque([leaf for leaf in leaves if not _is_float(leaf)], probe))
-  return jax.tree_util.tree_unflatten(
-      treedef, [leaf * one.astype(leaf.dtype) if _is_float(leaf) else next(others)
-                for leaf in leaves])
+from bhvit_jax import fastpath
 
 
 def recompute_in_backward(fun):
@@ -69,7 +34,7 @@ def recompute_in_backward(fun):
     replay = jax.extend.core.jaxpr_as_fun(closed)
     n_out = len(jax.tree_util.tree_leaves(out_shapes[0]))
     n_inputs = len(jax.tree_util.tree_leaves(args[0]))
-    is_float = [_is_float(leaf) for leaf in flat_args]
+    is_float = [fastpath.is_float(leaf) for leaf in flat_args]
 
     @jax.custom_vjp
     def run(*flat):
@@ -85,7 +50,7 @@ def recompute_in_backward(fun):
       # `opaque`: passing the inputs through a conditional copied each of them. The function
       # itself runs outside any conditional (XLA:CPU does not canonicalize convolutions inside
       # one, so their gradients run far slower there), and parameters are not touched.
-      flat = after(tuple(flat[:n_inputs]), cotangents[0]) + tuple(flat[n_inputs:])
+      flat = fastpath.after(tuple(flat[:n_inputs]), cotangents[0]) + tuple(flat[n_inputs:])
 
       def out_of(*floats):
         it = iter(floats)

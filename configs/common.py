@@ -51,7 +51,7 @@ def get_config(variant: str = 'tiny'):
       **model_lib.variant(variant), num_classes=1000, image_size=224, patch_size=4,
       window_size=7, weight_bits=1, input_bits=1, norm='batch', shift3=True, shift5=True,
       some_fp=True, gsb=False, recu=False, disable_layerscale=False, drop_path=0.0,
-      split_groups='auto', remat_stages=()))
+      fast_paths='auto', split_groups='auto', remat_stages=()))
 
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=5e-4, lr_batch_scale=512, schedule='cosine_epoch', warmup_steps=0, min_lr=1e-8,

@@ -25,7 +25,7 @@ def get_config():
       mlp_sizes=(64, 128, 256, 512), num_classes=10, image_size=224, patch_size=4,
       window_size=7, weight_bits=1, input_bits=1, norm='batch', shift3=True, shift5=True,
       some_fp=True, gsb=False, recu=False, disable_layerscale=False, drop_path=0.0,
-      split_groups=False, remat_stages=()))
+      fast_paths='auto', split_groups=False, remat_stages=()))
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=1e-3, lr_batch_scale=1, schedule='constant', warmup_steps=0, min_lr=0.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0, reg_beta=0.1,

@@ -5,6 +5,7 @@ independent formula or the plain path in float64, where both follow the same sig
 so outputs, gradients and BatchNorm updates must agree to rounding. Blocks, not whole models,
 keep the compile time (the cost of these tests on CPU) small.
 """
+import functools
 import pathlib
 
 import chex
@@ -73,21 +74,28 @@ def test_split_group_conv_gradients_match_grouped(x64):
     np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), rtol=1e-12, atol=1e-12)
 
 
-def _block_outputs(block, variables, x):
-  """Train-mode output, BatchNorm updates and gradients (params, input) of one block."""
+def _lowered_outputs(block, variables, x, grads=True):
+  """The jitted train-mode output, BatchNorm updates, eval-mode output and (with `grads`) the
+  gradients (params, input) of a module called as `block(x, train)`, lowered."""
 
   def run(params, x):
-    cotangent = jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape)
-
     def loss_fn(params, x):
       y, updates = block.apply({**variables, 'params': params}, x, True,
                                mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(5)})
+      cotangent = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
       return jnp.sum(y * cotangent), (y, updates['batch_stats'])
 
-    (_, (y, stats)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
-    return {'out': y, 'batch_stats': stats, 'grads': {'params': grads[0], 'input': grads[1]},
-            'eval': block.apply(variables, x, False)}
-  return jax.jit(run)(variables['params'], x)
+    if grads:
+      (_, (y, stats)), g = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, x)
+    else:
+      y, stats = loss_fn(params, x)[1]
+    out = {'out': y, 'batch_stats': stats, 'eval': block.apply(variables, x, False)}
+    return {**out, 'grads': {'params': g[0], 'input': g[1]}} if grads else out
+  return jax.jit(run).lower(variables['params'], x)
+
+
+def _block_outputs(block, variables, x, grads=True):
+  return _lowered_outputs(block, variables, x, grads).compile()(variables['params'], x)
 
 
 def _assert_trees_close(got, expected, rtol=1e-10, atol=1e-12):
@@ -103,15 +111,46 @@ def _spec(**fields):
   return model_lib.BHViT(**SMALL, **fields).spec()
 
 
-def test_split_groups_block_matches_grouped_block(x64):
+def test_fast_paths_match_plain_model(x64):
+  # The whole (small) model on both paths: train-mode logits and BatchNorm updates, eval-mode
+  # logits (strided run sums, materialized wide activations). Gradients: the next test.
+  x = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3))
+  plain = model_lib.BHViT(**SMALL, fast_paths='plain')
+  fast = model_lib.BHViT(**SMALL, fast_paths='cpu')
+  # Random parameters (cheaper than compiling the init, and no parameter at a neutral value);
+  # fresh statistics. The fast model runs on the plain model's variables: flax checks shapes.
+  rng = np.random.RandomState(3)
+  fill = lambda path, s: (jnp.asarray(rng.uniform(-1, 1, s.shape)) if path[0].key == 'params'
+                          else jnp.full(s.shape, path[-1].key == 'var', s.dtype))
+  variables = jax.tree_util.tree_map_with_path(
+      fill, jax.eval_shape(lambda: plain.init(jax.random.PRNGKey(0), x, False)))
+  lowered = [_lowered_outputs(m, variables, x, grads=False) for m in (plain, fast)]
+  expected, got = (low.compile()(variables['params'], x) for low in lowered)
+  _assert_trees_close(got, expected)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(expected))
+  assert float(jnp.std(expected['eval'])) > 0.1 and float(jnp.std(expected['out'])) > 0.1
+  # The switch switches: per-group convolutions and materialization barriers (conditionals on
+  # CPU) only on the fast path.
+  plain_hlo, fast_hlo = (low.as_text() for low in lowered)
+  assert 'feature_group_count = 4' in plain_hlo and 'feature_group_count = 4' not in fast_hlo
+  assert 'stablehlo.case' not in plain_hlo and 'stablehlo.case' in fast_hlo
+
+
+@pytest.mark.parametrize('module', ['block', 'downsample'])
+def test_fast_paths_match_plain_gradients(x64, module):
+  # Everything the two paths compute differently in training: per-group convolutions, the
+  # folded shift stencil and the MLP's views (a conv block), the downsampling's tiled view.
   x = jnp.asarray(np.random.RandomState(2).randn(2, 8, 8, 16))
-  plain = model_lib.Block(_spec(), 'conv', 1, 32)
+  make = {'block': lambda spec: model_lib.Block(spec, 'conv', 1, 32),
+          'downsample': lambda spec: model_lib.Downsample(spec, 32, full_precision=False)}[module]
+  plain, fast = make(_spec(fast_paths='plain')), make(_spec(fast_paths='cpu'))
   variables = plain.init({'params': jax.random.PRNGKey(0)}, x, False)
   expected = _block_outputs(plain, variables, x)
-  got = _block_outputs(model_lib.Block(_spec(split_groups=True), 'conv', 1, 32), variables, x)
-  _assert_trees_close(got, expected)
-  # Not vacuous: the binarized token-mixer kernels do receive gradient.
-  assert float(jnp.abs(expected['grads']['params']['GC']['cov3']['kernel']).sum()) > 0
+  _assert_trees_close(_block_outputs(fast, variables, x), expected)
+  # Not vacuous: the binarized kernels do receive gradient.
+  kernel = {'block': ('GC', 'cov3'), 'downsample': ('proj',)}[module]
+  grad = functools.reduce(dict.__getitem__, kernel + ('kernel',), expected['grads']['params'])
+  assert float(jnp.abs(grad).sum()) > 0
 
 
 @pytest.mark.parametrize('kind,width', [('attention', 32), ('conv', 16)])
@@ -355,3 +394,5 @@ def test_split_groups_auto_picks_per_group_convolutions_on_cpu():
   assert _grouped_convs(path, ('split_groups', False))
   assert _grouped_convs(path, ('split_groups', 'False'))  # as a --config override arrives
   assert not _grouped_convs(path, ('split_groups', True))
+  assert _grouped_convs(path, ('fast_paths', 'plain'))  # 'auto' follows the fast paths
+  assert not _grouped_convs(path, ('fast_paths', 'plain'), ('split_groups', True))

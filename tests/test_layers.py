@@ -83,11 +83,14 @@ def test_folded_shift_stencil_equals_paths_summed(x64, kinds):
   scales = {k: (jnp.asarray(rng.randn(12)), jnp.asarray(rng.randn(12))) for k in kinds}
   cotangent = jnp.asarray(rng.randn(2, 7, 6, 12))
   results = []
-  for f in (layers.shift_residuals, _reference_shift_paths):
+  for f in (_reference_shift_paths, layers.shift_residuals,
+            lambda x, scales: layers.shift_residuals(x, scales, fast=True)):
     out, vjp = jax.vjp(f, x, scales)
     results.append((out, vjp(cotangent)))
-  # Outputs, the input's gradient (the custom mirrored stencil) and every alpha/move gradient.
-  chex.assert_trees_all_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+  # Outputs, the input's gradient (the fast path's custom mirrored stencil) and every
+  # alpha/move gradient, of the plain paths and of the folded stencil.
+  for got in results[1:]:
+    chex.assert_trees_all_close(got, results[0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('module,shape', [

@@ -101,6 +101,7 @@ def test_drop_path_only_in_training():
     (dict(depths=(1, 1, 1)), '4 entries'),
     (dict(norm='group'), "norm='group'"),
     (dict(remat_stages=(0, 2)), 'stage numbers 1-4'),
+    (dict(fast_paths='gpu'), "fast_paths='gpu' must be one of"),
 ])
 def test_invalid_configurations_are_named(change, message):
   with pytest.raises(ValueError, match=message.replace('*', r'\*').replace('(', r'\(')):

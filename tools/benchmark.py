@@ -2,7 +2,7 @@ r"""Training and inference throughput and peak memory of bhvit_jax, optionally b
 
   python tools/benchmark.py --config configs/bhvit_tiny.py --batch 16 --mode train --json
   python tools/benchmark.py --variant small --mode eval,train --torch-repo ../BHViT
-  python tools/benchmark.py --config configs/bhvit_tiny.py --config.model.split_groups=False
+  python tools/benchmark.py --config configs/bhvit_tiny.py --config.model.fast_paths=plain
 
 Without --config the model is a size of `bhvit_jax.model.VARIANTS` (--variant, updated by
 --model-json) with the published flags, trained with a fixed AdamW recipe (`variant_config`).
@@ -192,6 +192,9 @@ def jax_case(config, mode: str, batch: int, repeats: int, weights: str, compute_
 
   start = time.perf_counter()
   if mode == 'train':
+    # The training loop calibrates the attention quantizers on its first batch; the step
+    # refuses uncalibrated ones.
+    variables, _ = model_lib.calibrate(model, variables, images)
     step, compiled = _jax_train_step(train, config, variables, images, labels, batch)
   elif mode == 'eval':
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
