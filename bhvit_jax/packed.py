@@ -70,7 +70,8 @@ def _pack(*bits):
 
 def unpack_bits(words, k: int):
   """Inverse of `pack_bits`: uint32 `[..., W]` -> bool `[..., k]`."""
-  bits = (words[..., None] >> jnp.arange(WORD_BITS, dtype=jnp.uint32)) & 1
+  # A numpy constant: ONNX has no uint32 Range.
+  bits = (words[..., None] >> np.arange(WORD_BITS, dtype=np.uint32)) & 1
   return bits.reshape(words.shape[:-1] + (-1,))[..., :k].astype(bool)
 
 
@@ -107,13 +108,13 @@ def im2col(x, k: int, stride: int, dilation: int, padding: int, groups: int):
   return cols.transpose(0, 1, 2, 4, 3, 5).reshape(b, out_h, out_w, groups, -1)
 
 
-def _binary_layer(module, x, entry):
+def _binary_layer(module, x, entry, products: str):
   """Packed replacement of a BinaryDense / BinaryConv call; `x` is its (unsigned) input."""
   conv = isinstance(module, layers.BinaryConv)
   groups = module.groups if conv else 1
   # [..., groups, fan-in per group (conv: per tap)]
   x = x.reshape(x.shape[:x.ndim - (1 if conv else module.channel_axes)] + (groups, -1))
-  if module.input_bits == 1:
+  if module.input_bits == 1 and products == 'popcount':
     taps = module.kernel_size ** 2 if conv else 1
     w_sign, w_nonzero = (_tap_words(entry.get(k), taps, x.shape[-1], groups)
                          for k in ('sign', 'nonzero'))
@@ -124,6 +125,7 @@ def _binary_layer(module, x, entry):
       planes = [_im2col(module, p.reshape(p.shape[:3] + (-1,))) for p in planes]
     dot = xnor_popcount_dot(*planes, w_sign, w_nonzero)
   else:
+    x = jnp.sign(x) if module.input_bits == 1 else x
     cols = _im2col(module, x.reshape(x.shape[:3] + (-1,))) if conv else x
     signs = _signs(entry, groups, cols.shape[-1])
     dot = jnp.einsum('...gk,gok->...go', cols, signs.astype(cols.dtype))
@@ -157,7 +159,7 @@ def _tap_words(words, taps: int, fan_in: int, groups: int):
   return words.reshape(groups, -1, words.shape[-1])
 
 
-def _interceptor(packed):
+def _interceptor(packed, products: str):
   binary, norms = packed['binary'], packed['norms']
 
   def intercept(next_fun, args, kwargs, context):
@@ -165,7 +167,7 @@ def _interceptor(packed):
     key = '/'.join(module.path)
     if context.method_name == '__call__':
       if isinstance(module, (layers.BinaryDense, layers.BinaryConv)) and key in binary:
-        return _binary_layer(module, args[0], binary[key])
+        return _binary_layer(module, args[0], binary[key], products)
       if isinstance(module, layers.TokenNorm) and key in norms:
         entry, x = norms[key], args[0]
         if not entry:
@@ -178,12 +180,22 @@ def _interceptor(packed):
   return intercept
 
 
-def apply(model: model_lib.BHViT, packed, images):
-  """Eval-mode logits `[B, classes]` of the packed model; `packed` is `load`'s `arrays`."""
+PRODUCTS = ('popcount', 'float')
+
+
+def apply(model: model_lib.BHViT, packed, images, products: str = 'popcount'):
+  """Eval-mode logits `[B, classes]` of the packed model; `packed` is `load`'s `arrays`.
+
+  `products`: how binary layers multiply signs: 'popcount' (XNOR-popcount on uint32 words) or
+  'float' (float32 ±1/0 operands unpacked from the same words, for runtimes without a
+  popcount, e.g. ONNX). Both sum integers exactly (float32 holds sums below 2**24).
+  """
+  if products not in PRODUCTS:
+    raise config_lib.UserError(f'unknown products {products!r}; expected one of {PRODUCTS}')
   variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32)
                            if jnp.issubdtype(v.dtype, jnp.floating) else v,
                            packed['variables'])
-  with nn.intercept_methods(_interceptor(packed)):
+  with nn.intercept_methods(_interceptor(packed, products)):
     return model.apply(variables, images, train=False)
 
 
