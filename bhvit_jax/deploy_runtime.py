@@ -111,10 +111,12 @@ def _load_iree(artifact: str, threads):
 
 def _load_onnx(artifact: str, threads):
   """`images -> logits` of an ONNX model in an onnxruntime CPU session."""
-  import onnxruntime  # pylint: disable=g-import-not-at-top  (checked by the caller)
-  from onnxruntime.capi import onnxruntime_pybind11_state as errors  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top  (checked by the caller)
+  import onnxruntime
+  from onnxruntime.capi import onnxruntime_pybind11_state as errors
+  # pylint: enable=g-import-not-at-top
   options = onnxruntime.SessionOptions()
-  options.log_severity_level = 3  # errors only: not the graph optimizer's notes on unused constants
+  options.log_severity_level = 3  # errors only, not the optimizer's notes on unused constants
   if threads is not None:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -124,13 +124,26 @@ def _binary_layer(module, x, entry, products: str):
     if conv:
       planes = [_im2col(module, p.reshape(p.shape[:3] + (-1,))) for p in planes]
     dot = xnor_popcount_dot(*planes, w_sign, w_nonzero)
+    dot = dot.reshape(dot.shape[:-2] + (-1,))
   else:
-    x = jnp.sign(x) if module.input_bits == 1 else x
-    cols = _im2col(module, x.reshape(x.shape[:3] + (-1,))) if conv else x
-    signs = _signs(entry, groups, cols.shape[-1])
-    dot = jnp.einsum('...gk,gok->...go', cols, signs.astype(cols.dtype))
-  dot = dot.reshape(dot.shape[:-2] + (-1,)).astype(jnp.float32)
+    dot = _float_products(module, jnp.sign(x) if module.input_bits == 1 else x, entry)
+  dot = dot.astype(jnp.float32)
   return dot * entry['scale'].astype(jnp.float32) + entry['shift'].astype(jnp.float32)
+
+
+def _float_products(module, x, entry):
+  """`x · sign(W)` `[..., O]` for x `[..., groups, K/groups]`: a grouped convolution or a
+  matmul with the weight signs unpacked to float, which runtimes run with their own kernels."""
+  if not isinstance(module, layers.BinaryConv):
+    return x[..., 0, :] @ _signs(entry, 1, x.shape[-1])[0].T.astype(x.dtype)
+  k, groups, channels = module.kernel_size, module.groups, x.shape[-1]
+  signs = _signs(entry, groups, k * k * channels).reshape(groups, -1, k, k, channels)
+  kernel = signs.transpose(2, 3, 4, 0, 1).reshape(k, k, channels, -1).astype(x.dtype)
+  pad = [(module.padding, module.padding)] * 2
+  return jax.lax.conv_general_dilated(
+      x.reshape(x.shape[:3] + (-1,)), kernel, (module.stride,) * 2, pad,
+      rhs_dilation=(module.dilation,) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups)
 
 
 def _signs(entry, groups: int, fan_in: int):

@@ -125,6 +125,13 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   pathlib.Path(str(other) + '.json').write_text(json.dumps({**meta, 'format': 'bhvit-deploy-v0'}))
   _fails(capsys, predict.main, ['--artifact', str(other), '--images', exported['images'][0]],
          "another version of bhvit_jax (format 'bhvit-deploy-v0'")
+  # A damaged ONNX model.
+  damaged = tmp_path / 'damaged.onnx'
+  damaged.write_bytes(pathlib.Path(exported['artifact']['onnx']).read_bytes()[:1000])
+  pathlib.Path(str(damaged) + '.json').write_text(
+      pathlib.Path(exported['artifact']['onnx'] + '.json').read_text())
+  _fails(capsys, predict.main, ['--artifact', str(damaged), '--images', exported['images'][0]],
+         'damaged.onnx is not a loadable ONNX model')
   # Export: an unknown target and a checkpoint of another configuration, nothing written.
   checkpoint = exported['root'] / 'vars.msgpack'
   config = exported['root'] / 'tiny.py'
@@ -132,6 +139,9 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   _fails(capsys, export_deploy.main, ['--config', str(config), '--checkpoint', str(checkpoint),
                                       '--target', 'riscv', '--out', str(target)],
          "unknown --target 'riscv'")
+  _fails(capsys, export_deploy.main, ['--config', str(config), '--checkpoint', str(checkpoint),
+                                      '--format', 'tflite', '--out', str(target)],
+         "unknown --format 'tflite'")
   _fails(capsys, export_deploy.main, ['--config', str(REPO / 'configs' / 'demo.py'),
                                       '--checkpoint', str(checkpoint), '--out', str(target)],
          'was it written with another model config', one_line=False)  # + the shape listing

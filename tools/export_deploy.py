@@ -25,14 +25,15 @@ and renamed, so a failed export leaves nothing.
 """
 import argparse
 import hashlib
-import importlib.metadata
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import bhvit_jax
 from bhvit_jax import checkpoint as ckpt_lib
@@ -100,10 +101,24 @@ def convert_onnx(model, arrays, batch) -> bytes:
   jax2onnx = _import_extra('jax2onnx', 'onnx')
   # Its plugin registry logs a traceback for every optional example it cannot import.
   logging.getLogger('jax2onnx').setLevel(logging.ERROR)
+  onnx = _import_extra('onnx', 'onnx')
   size = model.image_size
-  proto = jax2onnx.to_onnx(lambda images: packed.apply(model, arrays, images, 'float'),
-                           [(batch or 'batch', size, size, 3)], model_name='bhvit',
-                           input_names=['images'], output_names=['logits'])
+  # The weights enter as inputs and become the model's initializers afterwards: as closure
+  # constants jax2onnx folds the unpacking and stores one byte per binary weight.
+  leaves, treedef = jax.tree.flatten(arrays)
+  names = [f'weights_{i}' for i in range(len(leaves))]
+  apply = lambda images, *w: packed.apply(model, jax.tree.unflatten(treedef, w), images, 'float')
+  proto = jax2onnx.to_onnx(apply, [(batch or 'batch', size, size, 3)] +
+                           [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in leaves],
+                           model_name='bhvit', input_names=['images', *names],
+                           output_names=['logits'])
+  graph = proto.graph
+  graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(w), name)
+                           for name, w in zip(names, leaves))
+  images = [i for i in graph.input if i.name == 'images']
+  del graph.input[:]
+  graph.input.extend(images)
+  del graph.value_info[:]  # optional shape annotations: a third of a small model's file
   return proto.SerializeToString()
 
 
