@@ -133,9 +133,12 @@ def _binary_layer(module, x, entry, products: str):
 
 def _float_products(module, x, entry):
   """`x · sign(W)` `[..., O]` for x `[..., groups, K/groups]`: a grouped convolution or a
-  matmul with the weight signs unpacked to float, which runtimes run with their own kernels."""
+  matmul with the weight signs unpacked to float, which runtimes run with their own kernels.
+  Full precision: accelerators' default float32 products round the operands."""
+  highest = jax.lax.Precision.HIGHEST
   if not isinstance(module, layers.BinaryConv):
-    return x[..., 0, :] @ _signs(entry, 1, x.shape[-1])[0].T.astype(x.dtype)
+    return jnp.matmul(x[..., 0, :], _signs(entry, 1, x.shape[-1])[0].T.astype(x.dtype),
+                      precision=highest)
   k, groups, channels = module.kernel_size, module.groups, x.shape[-1]
   signs = _signs(entry, groups, k * k * channels).reshape(groups, -1, k, k, channels)
   kernel = signs.transpose(2, 3, 4, 0, 1).reshape(k, k, channels, -1).astype(x.dtype)
@@ -143,7 +146,7 @@ def _float_products(module, x, entry):
   return jax.lax.conv_general_dilated(
       x.reshape(x.shape[:3] + (-1,)), kernel, (module.stride,) * 2, pad,
       rhs_dilation=(module.dilation,) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=groups)
+      feature_group_count=groups, precision=highest)
 
 
 def _signs(entry, groups: int, fan_in: int):
