@@ -24,6 +24,10 @@ second, a rate per core that other load on the host does not change), after one 
 `train` is the real jitted `bhvit_jax.train` step (optimizer chain of
 `optim.build_optimizer`, BatchNorm updates, metrics) with the state donated; `eval` is the
 eval-mode forward; `packed` is the bit-packed XNOR-popcount inference of `bhvit_jax.packed`.
+`deploy` exports the model and its float twin (binarization off) with
+tools/export_deploy.py (IREE, ONNX) and times batch-1 latency (median, p90) and batch-16
+images/s on 1 and 2 cores for those artifacts and for JAX packed and float eval, beside the
+artifacts' sizes and count_ops' 1-bit limit (docs/performance.md).
 The distillation teacher is not part of the timed step (label-smoothed CE only), and on CPU
 activations are float32 unless `--compute-dtype` says otherwise.
 
@@ -36,6 +40,7 @@ minimal stand-ins (`bhvit_jax.official`).
 import collections
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import platform
