@@ -1,9 +1,11 @@
-"""Runs a BHViT exported by tools/export_deploy.py with numpy, PIL and IREE's runtime only.
+"""Runs a BHViT exported by tools/export_deploy.py with numpy, PIL and IREE's or ONNX runtime.
 
-An artifact is a compiled IREE module (`model.vmfb`, one entry `main`: float32 images
-`[batch, S, S, 3]`, normalised -> float32 logits `[batch, classes]`) and its JSON sidecar
-`model.vmfb.json`, whose keys are:
-- `format` (`FORMAT`), `runtime` ('iree'), `target` ('host', 'x86_64' or 'aarch64'), `batch`;
+An artifact is a compiled IREE module (`model.vmfb`, one entry `main`) or an ONNX model
+(`model.onnx`, input `images`, output `logits`), both float32 images `[batch, S, S, 3]`,
+normalised -> float32 logits `[batch, classes]`, and its JSON sidecar `model.vmfb.json`,
+whose keys are:
+- `format` (`FORMAT`), `runtime` ('iree' or 'onnx'), `target` ('host', 'x86_64' or
+  'aarch64'; 'any' for ONNX), `batch` (null: dynamic);
 - `image_size`, `resize_size`, `interpolation`, `mean`, `std`: the evaluation preprocessing
   (`bhvit_jax.transforms`), so the artifact sees the pixels tools/evaluate.py feeds the model;
 - `num_classes`, `class_names` (null when the data set names none), `weights` (how they are
@@ -23,8 +25,12 @@ import numpy as np
 from bhvit_jax import transforms
 
 FORMAT = 'bhvit-deploy-v1'
-RUNTIME_PACKAGE = 'iree-base-runtime'
-COMPILER_PACKAGE = 'iree-base-compiler'
+# The package that runs each runtime's artifacts, and those that write them (the sidecar
+# records the exporters' versions).
+RUNTIME_PACKAGES = {'iree': 'iree-base-runtime', 'onnx': 'onnxruntime'}
+EXPORTERS = {'iree': ('iree-base-compiler',), 'onnx': ('jax2onnx', 'onnx')}
+# Images per call of an artifact with a dynamic batch (bounds the activations' memory).
+DYNAMIC_CHUNK = 32
 # The machine names (platform.machine()) each target's code runs on; 'host' means the exporter's.
 TARGET_MACHINES = {'x86_64': ('x86_64', 'AMD64'), 'aarch64': ('aarch64', 'arm64')}
 
@@ -57,18 +63,25 @@ def read_sidecar(artifact: str) -> dict:
     found = meta.get('format') if isinstance(meta, dict) else None
     raise DeployError(f'{artifact} comes from another version of bhvit_jax (format {found!r}, '
                       f'this runtime reads {FORMAT!r}); export it again')
+  if meta.get('runtime') not in RUNTIME_PACKAGES:
+    raise DeployError(f"{artifact} needs an unknown runtime {meta.get('runtime')!r}; this "
+                      f'one runs {sorted(RUNTIME_PACKAGES)}')
   return meta
 
 
 def _check_runtime(artifact: str, meta: dict):
-  """IREE modules are not portable across IREE releases or CPU architectures."""
-  compiled = meta.get('versions', {}).get(COMPILER_PACKAGE, '')
+  """The runtime package is installed; IREE modules are also not portable across IREE
+  releases or CPU architectures (ONNX models are)."""
+  package = RUNTIME_PACKAGES[meta['runtime']]
   try:
-    installed = importlib.metadata.version(RUNTIME_PACKAGE)
+    installed = importlib.metadata.version(package)
   except importlib.metadata.PackageNotFoundError:
-    raise DeployError(f'{artifact} needs the {RUNTIME_PACKAGE} package ({compiled})') from None
+    raise DeployError(f'{artifact} needs the {package} package (the [runtime] extra)') from None
+  if meta['runtime'] != 'iree':
+    return
+  compiled = meta.get('versions', {}).get(EXPORTERS['iree'][0], '')
   if _minor(installed) != _minor(compiled):
-    raise DeployError(f'{artifact} was compiled by IREE {compiled} but {RUNTIME_PACKAGE} '
+    raise DeployError(f'{artifact} was compiled by IREE {compiled} but {package} '
                       f'{installed} is installed; install {_minor(compiled)}.* or export again')
   machines = TARGET_MACHINES.get(meta['target'])
   if machines and platform.machine() not in machines:
@@ -76,21 +89,57 @@ def _check_runtime(artifact: str, meta: dict):
                       f'{platform.machine()} machine')
 
 
-class Model:
-  """A loaded artifact: `predict_logits(images)` on preprocessed images, `preprocess(image)`."""
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
-  def __init__(self, artifact: str):
+
+def _load_iree(artifact: str, threads):
+  """`images -> logits` of an IREE module on the CPU's task driver."""
+  import iree.runtime as ireert  # pylint: disable=g-import-not-at-top  (checked by the caller)
+  with open(artifact, 'rb') as f:
+    data = f.read()
+  if threads is not None:
+    # A process-wide flag, read when the process first creates the task driver.
+    ireert.flags.parse_flags(f'--task_topology_max_group_count={threads}')
+  try:
+    module = ireert.load_vm_flatbuffer(data, driver='local-task')
+  except RuntimeError as e:
+    raise DeployError(f'{artifact} is not a loadable IREE module: {_first_line(e)}') from None
+  # A copy: the host view aliases a buffer that the next call reuses.
+  return lambda images: np.array(module.main(images).to_host())
+
+
+def _load_onnx(artifact: str, threads):
+  """`images -> logits` of an ONNX model in an onnxruntime CPU session."""
+  # pylint: disable=g-import-not-at-top  (checked by the caller)
+  import onnxruntime
+  from onnxruntime.capi import onnxruntime_pybind11_state as errors
+  # pylint: enable=g-import-not-at-top
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3  # errors only, not the optimizer's notes on unused constants
+  if threads is not None:
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+  try:
+    session = onnxruntime.InferenceSession(artifact, options,
+                                           providers=['CPUExecutionProvider'])
+  except (errors.InvalidProtobuf, errors.InvalidGraph, errors.Fail) as e:
+    raise DeployError(f'{artifact} is not a loadable ONNX model: {_first_line(e)}') from None
+  return lambda images: session.run(['logits'], {'images': images})[0]
+
+
+class Model:
+  """A loaded artifact: `predict_logits(images)` on preprocessed images, `preprocess(image)`.
+
+  `threads`: the runtime's worker threads (None: its default, one per core).
+  """
+
+  def __init__(self, artifact: str, threads=None):
     self.meta = read_sidecar(artifact)
     _check_runtime(artifact, self.meta)
-    import iree.runtime as ireert  # pylint: disable=g-import-not-at-top  (checked above)
-    with open(artifact, 'rb') as f:
-      data = f.read()
-    try:
-      self._module = ireert.load_vm_flatbuffer(data, driver='local-task')
-    except RuntimeError as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise DeployError(f'{artifact} is not a loadable IREE module: {first}') from None
-    self.batch = int(self.meta['batch'])
+    load = _load_iree if self.meta['runtime'] == 'iree' else _load_onnx
+    self._run = load(artifact, threads)
+    self.batch = self.meta['batch']
 
   def preprocess(self, image) -> np.ndarray:
     """PIL image or uint8 `[H, W, 3]` -> normalised float32 `[S, S, 3]`."""
@@ -102,16 +151,17 @@ class Model:
   def predict_logits(self, images: np.ndarray) -> np.ndarray:
     """float32 `[N, S, S, 3]` (preprocessed) -> float32 logits `[N, classes]`.
 
-    The module has a fixed batch; the last chunk is padded with zeros and the padding dropped.
+    With a fixed batch the last chunk is padded with zeros and the padding dropped.
     """
     images = np.asarray(images, np.float32)
+    step = self.batch or DYNAMIC_CHUNK
     out = []
-    for start in range(0, len(images), self.batch):
-      chunk = images[start:start + self.batch]
-      padded = np.zeros((self.batch,) + images.shape[1:], np.float32)
-      padded[:len(chunk)] = chunk
-      # A copy: the host view aliases a buffer that the next call reuses.
-      out.append(np.array(self._module.main(padded).to_host()[:len(chunk)]))
+    for start in range(0, len(images), step):
+      chunk = images[start:start + step]
+      count = len(chunk)
+      if self.batch:
+        chunk = np.pad(chunk, [(0, step - count)] + [(0, 0)] * (chunk.ndim - 1))
+      out.append(self._run(chunk)[:count])
     return np.concatenate(out) if out else np.zeros((0, self.meta['num_classes']), np.float32)
 
 

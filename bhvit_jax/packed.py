@@ -70,7 +70,8 @@ def _pack(*bits):
 
 def unpack_bits(words, k: int):
   """Inverse of `pack_bits`: uint32 `[..., W]` -> bool `[..., k]`."""
-  bits = (words[..., None] >> jnp.arange(WORD_BITS, dtype=jnp.uint32)) & 1
+  # A numpy constant: ONNX has no uint32 Range.
+  bits = (words[..., None] >> np.arange(WORD_BITS, dtype=np.uint32)) & 1
   return bits.reshape(words.shape[:-1] + (-1,))[..., :k].astype(bool)
 
 
@@ -107,13 +108,13 @@ def im2col(x, k: int, stride: int, dilation: int, padding: int, groups: int):
   return cols.transpose(0, 1, 2, 4, 3, 5).reshape(b, out_h, out_w, groups, -1)
 
 
-def _binary_layer(module, x, entry):
+def _binary_layer(module, x, entry, products: str):
   """Packed replacement of a BinaryDense / BinaryConv call; `x` is its (unsigned) input."""
   conv = isinstance(module, layers.BinaryConv)
   groups = module.groups if conv else 1
   # [..., groups, fan-in per group (conv: per tap)]
   x = x.reshape(x.shape[:x.ndim - (1 if conv else module.channel_axes)] + (groups, -1))
-  if module.input_bits == 1:
+  if module.input_bits == 1 and products == 'popcount':
     taps = module.kernel_size ** 2 if conv else 1
     w_sign, w_nonzero = (_tap_words(entry.get(k), taps, x.shape[-1], groups)
                          for k in ('sign', 'nonzero'))
@@ -123,12 +124,29 @@ def _binary_layer(module, x, entry):
     if conv:
       planes = [_im2col(module, p.reshape(p.shape[:3] + (-1,))) for p in planes]
     dot = xnor_popcount_dot(*planes, w_sign, w_nonzero)
+    dot = dot.reshape(dot.shape[:-2] + (-1,))
   else:
-    cols = _im2col(module, x.reshape(x.shape[:3] + (-1,))) if conv else x
-    signs = _signs(entry, groups, cols.shape[-1])
-    dot = jnp.einsum('...gk,gok->...go', cols, signs.astype(cols.dtype))
-  dot = dot.reshape(dot.shape[:-2] + (-1,)).astype(jnp.float32)
+    dot = _float_products(module, jnp.sign(x) if module.input_bits == 1 else x, entry)
+  dot = dot.astype(jnp.float32)
   return dot * entry['scale'].astype(jnp.float32) + entry['shift'].astype(jnp.float32)
+
+
+def _float_products(module, x, entry):
+  """`x · sign(W)` `[..., O]` for x `[..., groups, K/groups]`: a grouped convolution or a
+  matmul with the weight signs unpacked to float, which runtimes run with their own kernels.
+  Full precision: accelerators' default float32 products round the operands."""
+  highest = jax.lax.Precision.HIGHEST
+  if not isinstance(module, layers.BinaryConv):
+    return jnp.matmul(x[..., 0, :], _signs(entry, 1, x.shape[-1])[0].T.astype(x.dtype),
+                      precision=highest)
+  k, groups, channels = module.kernel_size, module.groups, x.shape[-1]
+  signs = _signs(entry, groups, k * k * channels).reshape(groups, -1, k, k, channels)
+  kernel = signs.transpose(2, 3, 4, 0, 1).reshape(k, k, channels, -1).astype(x.dtype)
+  pad = [(module.padding, module.padding)] * 2
+  return jax.lax.conv_general_dilated(
+      x.reshape(x.shape[:3] + (-1,)), kernel, (module.stride,) * 2, pad,
+      rhs_dilation=(module.dilation,) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups, precision=highest)
 
 
 def _signs(entry, groups: int, fan_in: int):
@@ -157,7 +175,7 @@ def _tap_words(words, taps: int, fan_in: int, groups: int):
   return words.reshape(groups, -1, words.shape[-1])
 
 
-def _interceptor(packed):
+def _interceptor(packed, products: str):
   binary, norms = packed['binary'], packed['norms']
 
   def intercept(next_fun, args, kwargs, context):
@@ -165,7 +183,7 @@ def _interceptor(packed):
     key = '/'.join(module.path)
     if context.method_name == '__call__':
       if isinstance(module, (layers.BinaryDense, layers.BinaryConv)) and key in binary:
-        return _binary_layer(module, args[0], binary[key])
+        return _binary_layer(module, args[0], binary[key], products)
       if isinstance(module, layers.TokenNorm) and key in norms:
         entry, x = norms[key], args[0]
         if not entry:
@@ -178,12 +196,22 @@ def _interceptor(packed):
   return intercept
 
 
-def apply(model: model_lib.BHViT, packed, images):
-  """Eval-mode logits `[B, classes]` of the packed model; `packed` is `load`'s `arrays`."""
+PRODUCTS = ('popcount', 'float')
+
+
+def apply(model: model_lib.BHViT, packed, images, products: str = 'popcount'):
+  """Eval-mode logits `[B, classes]` of the packed model; `packed` is `load`'s `arrays`.
+
+  `products`: how binary layers multiply signs: 'popcount' (XNOR-popcount on uint32 words) or
+  'float' (float32 ±1/0 operands unpacked from the same words, for runtimes without a
+  popcount, e.g. ONNX). Both sum integers exactly (float32 holds sums below 2**24).
+  """
+  if products not in PRODUCTS:
+    raise config_lib.UserError(f'unknown products {products!r}; expected one of {PRODUCTS}')
   variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32)
                            if jnp.issubdtype(v.dtype, jnp.floating) else v,
                            packed['variables'])
-  with nn.intercept_methods(_interceptor(packed)):
+  with nn.intercept_methods(_interceptor(packed, products)):
     return model.apply(variables, images, train=False)
 
 

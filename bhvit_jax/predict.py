@@ -1,4 +1,4 @@
-r"""Top-k classes of images with an exported BHViT, without JAX (numpy, PIL, IREE runtime).
+r"""Top-k classes of images with an exported BHViT, without JAX (numpy, PIL, IREE/ONNX runtime).
 
   python -m bhvit_jax.predict --artifact model.vmfb --images photos/ cat.jpg --top 5
   python -m bhvit_jax.predict --artifact model.vmfb --images photos/ --out predictions.jsonl
@@ -21,7 +21,7 @@ from bhvit_jax import deploy_runtime
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m bhvit_jax.predict', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--artifact', required=True, help='.vmfb of tools/export_deploy.py')
+  parser.add_argument('--artifact', required=True, help='.vmfb or .onnx of tools/export_deploy.py')
   parser.add_argument('--images', required=True, nargs='+', help='image files or directories')
   parser.add_argument('--top', type=int, default=5, help='classes shown per image')
   parser.add_argument('--out', default='', help='also write JSON lines here')

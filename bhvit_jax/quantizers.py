@@ -283,7 +283,10 @@ def lsq_quantize(x, alpha, zero_point):
     `clip(round(x/α + z), 0, 3)·α` (the zero point is not subtracted after rounding).
   """
   heads = x.shape[1]
-  g = heads / math.sqrt(x.size * LSQ_LEVELS)
+  count = x.size * LSQ_LEVELS
+  # A symbolic batch (jax.export with a dynamic batch dimension) makes the count a traced value.
+  g = heads / (math.sqrt(count) if isinstance(count, int) else
+               jnp.sqrt(jnp.asarray(count, jnp.float32)))
   shape = (1, heads, 1, 1)
   a = _grad_scale(alpha, g).astype(x.dtype).reshape(shape)
   z = _grad_scale(zero_point, g).astype(x.dtype).reshape(shape)

@@ -1,5 +1,7 @@
-"""tools/export_deploy.py's IREE module against the JAX packed inference, and
-bhvit_jax.predict in-process and in a virtual environment that has no JAX."""
+"""tools/export_deploy.py's IREE module and ONNX model against the JAX packed inference, and
+bhvit_jax.predict in-process and in a virtual environment that has no JAX.
+
+The exporters and runtimes are in the `test` extra: without them these tests fail."""
 import importlib.metadata
 import importlib.util
 import json
@@ -24,7 +26,8 @@ from bhvit_jax import predict
 import test_tools
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_IMAGES = 3  # with a module batch of 2: one full and one padded call
+NUM_IMAGES = 3  # with the IREE module's batch of 2: one full and one padded call
+FORMATS = ('iree', 'onnx')
 
 
 def _load_tool():
@@ -40,8 +43,8 @@ export_deploy = _load_tool()
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
-  """{'config', 'model', 'variables', 'artifact', 'images': [png paths], 'root'}."""
-  pytest.importorskip('iree.compiler')
+  """{'config', 'model', 'variables', 'artifact': {format: path}, 'images': [png paths],
+  'root', 'jax_packed_logits'}; the ONNX model's batch is dynamic."""
   root = tmp_path_factory.mktemp('deploy')
   config_path = root / 'tiny.py'
   config_path.write_text(test_tools.TINY_CONFIG)
@@ -50,44 +53,46 @@ def exported(tmp_path_factory):
   variables = test_tools._random_variables(model)  # pylint: disable=protected-access
   checkpoint = root / 'vars.msgpack'
   convert.save_flax_file(variables, checkpoint)
-  artifact = str(root / 'tiny.vmfb')
-  export_deploy.export(str(config_path), str(checkpoint), 'iree', 'host', 2, artifact)
+  artifact = {'iree': str(root / 'tiny.vmfb'), 'onnx': str(root / 'tiny.onnx')}
+  export_deploy.export(str(config_path), str(checkpoint), 'iree', 'host', 2, artifact['iree'])
+  export_deploy.export(str(config_path), str(checkpoint), 'onnx', 'host', None,
+                       artifact['onnx'])
   source = data_lib.make_source(config, config.data.eval_split)
   images = []
   for i in range(NUM_IMAGES):
     images.append(str(root / f'digit{i}.png'))
     Image.fromarray(source[i][0]).save(images[-1])
+  # The JAX packed model on the eval pipeline's batch of the same images.
+  batch = next(iter(data_lib.build_eval_iter(config)))['image'][:NUM_IMAGES]
+  arrays = packed.arrays(packed.export(model, variables))
+  logits = np.asarray(jax.jit(lambda a, x: packed.apply(model, a, x))(arrays, batch))
   return {'config': config, 'model': model, 'variables': variables, 'artifact': artifact,
-          'images': images, 'root': root}
+          'images': images, 'root': root, 'jax_packed_logits': logits}
 
 
-def _jax_packed_logits(exported, images):
-  model = exported['model']
-  arrays = packed.arrays(packed.export(model, exported['variables']))
-  return np.asarray(jax.jit(lambda a, x: packed.apply(model, a, x))(arrays, images))
-
-
-def test_artifact_logits_equal_the_jax_packed_model(exported):
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_artifact_logits_equal_the_jax_packed_model(exported, fmt):
   """Digit files through the runtime's preprocessing vs the eval pipeline's batch in JAX."""
-  model = deploy_runtime.Model(exported['artifact'])
+  model = deploy_runtime.Model(exported['artifact'][fmt], threads=1)
   images = np.stack([model.preprocess(deploy_runtime.load_image(p))
                      for p in exported['images']])
   logits = model.predict_logits(images)
-  batch = next(iter(data_lib.build_eval_iter(exported['config'])))['image'][:NUM_IMAGES]
-  want = _jax_packed_logits(exported, batch)
+  want = exported['jax_packed_logits']
   assert logits.shape == want.shape
   np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5 * np.abs(want).max())
   np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(want, -1))
   meta = model.meta
-  assert (meta['image_size'], meta['batch'], meta['class_names']) == (32, 2, list('0123456789'))
+  assert (meta['image_size'], meta['class_names']) == (32, list('0123456789'))
+  assert (meta['runtime'], meta['batch']) == ((fmt, 2) if fmt == 'iree' else (fmt, None))
 
 
-def test_predict_prints_and_writes_the_top_classes(exported, capsys):
-  out = exported['root'] / 'pred.jsonl'
-  predict.main(['--artifact', exported['artifact'], '--images', *exported['images'],
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_predict_prints_and_writes_the_top_classes(exported, capsys, fmt):
+  out = exported['root'] / f'pred_{fmt}.jsonl'
+  predict.main(['--artifact', exported['artifact'][fmt], '--images', *exported['images'],
                 '--top', '3', '--out', str(out)])
   records = [json.loads(line) for line in out.read_text().splitlines()]
-  model = deploy_runtime.Model(exported['artifact'])
+  model = deploy_runtime.Model(exported['artifact'][fmt])
   logits = model.predict_logits(np.stack([model.preprocess(deploy_runtime.load_image(p))
                                           for p in exported['images']]))
   assert [r['path'] for r in records] == exported['images']
@@ -109,17 +114,24 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   broken = tmp_path / 'broken.png'
   broken.write_bytes(b'not an image')
   out = tmp_path / 'pred.jsonl'
-  _fails(capsys, predict.main, ['--artifact', exported['artifact'], '--images',
+  _fails(capsys, predict.main, ['--artifact', exported['artifact']['iree'], '--images',
                                 exported['images'][0], str(broken), '--out', str(out)],
          'broken.png is not a readable image')
   assert not out.exists() and not pathlib.Path(str(out) + '.tmp').exists()
   # An artifact of another format version.
   other = tmp_path / 'other.vmfb'
-  other.write_bytes(pathlib.Path(exported['artifact']).read_bytes())
-  meta = json.loads(pathlib.Path(exported['artifact'] + '.json').read_text())
+  other.write_bytes(pathlib.Path(exported['artifact']['iree']).read_bytes())
+  meta = json.loads(pathlib.Path(exported['artifact']['iree'] + '.json').read_text())
   pathlib.Path(str(other) + '.json').write_text(json.dumps({**meta, 'format': 'bhvit-deploy-v0'}))
   _fails(capsys, predict.main, ['--artifact', str(other), '--images', exported['images'][0]],
          "another version of bhvit_jax (format 'bhvit-deploy-v0'")
+  # A damaged ONNX model.
+  damaged = tmp_path / 'damaged.onnx'
+  damaged.write_bytes(pathlib.Path(exported['artifact']['onnx']).read_bytes()[:1000])
+  pathlib.Path(str(damaged) + '.json').write_text(
+      pathlib.Path(exported['artifact']['onnx'] + '.json').read_text())
+  _fails(capsys, predict.main, ['--artifact', str(damaged), '--images', exported['images'][0]],
+         'damaged.onnx is not a loadable ONNX model')
   # Export: an unknown target and a checkpoint of another configuration, nothing written.
   checkpoint = exported['root'] / 'vars.msgpack'
   config = exported['root'] / 'tiny.py'
@@ -127,6 +139,9 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   _fails(capsys, export_deploy.main, ['--config', str(config), '--checkpoint', str(checkpoint),
                                       '--target', 'riscv', '--out', str(target)],
          "unknown --target 'riscv'")
+  _fails(capsys, export_deploy.main, ['--config', str(config), '--checkpoint', str(checkpoint),
+                                      '--format', 'tflite', '--out', str(target)],
+         "unknown --format 'tflite'")
   _fails(capsys, export_deploy.main, ['--config', str(REPO / 'configs' / 'demo.py'),
                                       '--checkpoint', str(checkpoint), '--out', str(target)],
          'was it written with another model config', one_line=False)  # + the shape listing
@@ -134,26 +149,27 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
 
 
 def test_predict_runs_in_a_virtual_environment_without_jax(exported, tmp_path):
-  """numpy + pillow + iree-base-runtime only (pip may use its cache)."""
+  """numpy + pillow + the two runtimes only (pip may use its cache)."""
   start = time.perf_counter()
   venv = tmp_path / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
   python = str(venv / 'bin' / 'python')
-  runtime = importlib.metadata.version(deploy_runtime.RUNTIME_PACKAGE)
+  runtimes = [f'{p}=={importlib.metadata.version(p)}'
+              for p in deploy_runtime.RUNTIME_PACKAGES.values()]
   subprocess.run([python, '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check',
-                  'numpy', 'pillow', f'{deploy_runtime.RUNTIME_PACKAGE}=={runtime}'],
-                 check=True)
-  out = tmp_path / 'pred.jsonl'
+                  'numpy', 'pillow', *runtimes], check=True)
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
-  run = subprocess.run([python, '-c', 'import importlib.util as u; '
-                        'assert u.find_spec("jax") is None and u.find_spec("flax") is None; '
-                        'from bhvit_jax import predict; predict.main()',
-                        '--artifact', exported['artifact'], '--images', *exported['images'],
-                        '--out', str(out)], env=env, capture_output=True, text=True,
-                       cwd=tmp_path, check=False)
-  assert run.returncode == 0, run.stderr
-  got = [json.loads(line) for line in out.read_text().splitlines()]
-  want = predict.predict(exported['artifact'], exported['images'])
-  assert [r['top'][0] for r in got] == [r['top'][0] for r in want]
-  np.testing.assert_array_equal([r['logits'] for r in got], [r['logits'] for r in want])
+  for fmt, artifact in exported['artifact'].items():
+    out = tmp_path / f'pred_{fmt}.jsonl'
+    run = subprocess.run([python, '-c', 'import importlib.util as u; '
+                          'assert u.find_spec("jax") is None and u.find_spec("flax") is None; '
+                          'from bhvit_jax import predict; predict.main()',
+                          '--artifact', artifact, '--images', *exported['images'],
+                          '--out', str(out)], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, check=False)
+    assert run.returncode == 0, run.stderr
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    want = predict.predict(artifact, exported['images'])
+    assert [r['top'][0] for r in got] == [r['top'][0] for r in want], fmt
+    np.testing.assert_array_equal([r['logits'] for r in got], [r['logits'] for r in want])
   print(f'fresh runtime environment + predict: {time.perf_counter() - start:.1f} s')

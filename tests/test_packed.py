@@ -47,13 +47,16 @@ def test_xnor_popcount_dense_equals_float_sign_matmul(weight_zeros):
   np.testing.assert_array_equal(np.asarray(got), expected)
 
 
+@pytest.mark.parametrize('products', packed.PRODUCTS)
 @pytest.mark.parametrize('kernel_size, stride, dilation, groups, channels',
                          [(3, 1, 3, 4, 8), (2, 2, 1, 1, 8), (3, 2, 1, 2, 80)])
-def test_packed_conv_equals_float_binary_conv(kernel_size, stride, dilation, groups, channels):
+def test_packed_conv_equals_float_binary_conv(kernel_size, stride, dilation, groups, channels,
+                                              products):
   """Zero padding and exact zeros in the input must contribute sign(0) = 0, as in the float conv.
 
   Channels per group 2, 8 and 40: each tap's channels take one word, or a word and a partial
-  one, so the file's contiguous fan-in bits are regrouped per tap.
+  one, so the file's contiguous fan-in bits are regrouped per tap. 'float' products unpack
+  the same words into the kernel of a grouped convolution (the ONNX export).
   """
   conv = layers.BinaryConv(16, kernel_size, stride=stride, dilation=dilation, groups=groups,
                            padding=dilation if kernel_size == 3 else 0)
@@ -66,7 +69,7 @@ def test_packed_conv_equals_float_binary_conv(kernel_size, stride, dilation, gro
   entry = {'sign': sign, 'scale': scale.astype(np.float32),
            'shift': np.asarray(variables['params']['bias'])}
   got = jax.jit(lambda v, e, x: conv.apply(
-      v, x, method=lambda m, y: packed._binary_layer(m, y, e)))(variables, entry, x)
+      v, x, method=lambda m, y: packed._binary_layer(m, y, e, products)))(variables, entry, x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 

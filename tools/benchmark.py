@@ -24,6 +24,10 @@ second, a rate per core that other load on the host does not change), after one 
 `train` is the real jitted `bhvit_jax.train` step (optimizer chain of
 `optim.build_optimizer`, BatchNorm updates, metrics) with the state donated; `eval` is the
 eval-mode forward; `packed` is the bit-packed XNOR-popcount inference of `bhvit_jax.packed`.
+`deploy` exports the model and its float twin (binarization off) with
+tools/export_deploy.py (IREE, ONNX) and times batch-1 latency (median, p90) and batch-16
+images/s on 1 and 2 cores for those artifacts and for JAX packed and float eval, beside the
+artifacts' sizes and count_ops' 1-bit limit (docs/performance.md).
 The distillation teacher is not part of the timed step (label-smoothed CE only), and on CPU
 activations are float32 unless `--compute-dtype` says otherwise.
 
@@ -36,6 +40,7 @@ minimal stand-ins (`bhvit_jax.official`).
 import collections
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -57,7 +62,7 @@ GIB = 2.0 ** 30
 # parts of the step. Transparent huge pages and a heap that is never trimmed remove that.
 MALLOC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
                    'glibc.malloc.trim_threshold=68719476736')
-MODES = ('train', 'eval', 'packed', 'data')
+MODES = ('train', 'eval', 'packed', 'data', 'deploy')
 # Side of the JPEGs of --mode data: ImageNet's typical 500x375.
 DATA_IMAGE_SIDES = (500, 375)
 
@@ -381,6 +386,146 @@ def torch_case(config, mode: str, batch: int, repeats: int, repo: str, threads: 
                   'torch': torch.__version__, 'torch_threads': torch.get_num_threads()}
 
 
+# ------------------------------------------------------------------ deploy ---
+
+# Core counts of the --mode deploy cases, and the batch of their throughput figure.
+DEPLOY_THREADS = (1, 2)
+DEPLOY_BATCH = 16
+# (model, path) of the deploy cases: the config's BHViT through the exported artifacts and
+# JAX, and its float twin (binarization off) exported the same way.
+DEPLOY_PATHS = (('binary', 'iree'), ('binary', 'onnx'), ('binary', 'jax-packed'),
+                ('binary', 'jax-eval'), ('float', 'iree'), ('float', 'onnx'))
+
+
+def float_twin(config):
+  """`config` with 32-bit weights and inputs everywhere: the BHViT without binarization."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  twin = ml_collections.ConfigDict(config.to_dict())
+  twin.model.update(weight_bits=32, input_bits=32)
+  return twin
+
+
+def _deploy_variables(model):
+  """Initial variables, the attention quantizers calibrated on one random batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  images = np.random.RandomState(0).randn(2, model.image_size, model.image_size, 3)
+  return jax.jit(model_lib.calibrate, static_argnums=0)(model, variables,
+                                                        images.astype(np.float32))[0]
+
+
+def export_deploy_artifacts(config, folder: str) -> tuple[dict, dict]:
+  """Writes each model's checkpoint and artifacts into `folder`.
+
+  Returns `({model: {'checkpoint', 'iree': {batch: path}, 'onnx': {batch: path}}}, sizes)`
+  with the sizes in bytes of the artifacts, the packed file, the float32 checkpoint and
+  count_ops' 1-bit limit.
+  """
+  from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import packed  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'export_deploy', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    'export_deploy.py'))
+  export_deploy = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(export_deploy)
+  files, sizes = {}, {}
+  for name, model_config in (('binary', config), ('float', float_twin(config))):
+    model = model_lib.build(model_config.model)
+    variables = _deploy_variables(model)
+    checkpoint = os.path.join(folder, f'{name}.msgpack')
+    convert.save_flax_file(variables, checkpoint)
+    files[name] = {'checkpoint': checkpoint, 'iree': {}, 'onnx': {}}
+    for fmt, batches in (('iree', (1, DEPLOY_BATCH)), ('onnx', (None,))):
+      out = os.path.join(folder, f'{name}_{batches[0]}.{"vmfb" if fmt == "iree" else fmt}')
+      for batch in batches:
+        path = out.replace(f'_{batches[0]}.', f'_{batch}.')
+        export_deploy.export(model_config, checkpoint, fmt, 'host', batch, path)
+        files[name][fmt].update({b: path for b in ((1, DEPLOY_BATCH) if batch is None
+                                                   else (batch,))})
+      sizes[f'{name}_{fmt}_bytes'] = os.path.getsize(files[name][fmt][1])
+    packed_file = os.path.join(folder, f'{name}.packed')
+    packed.save(packed.export(model, variables), packed_file)
+    sizes.update({f'{name}_packed_file_bytes': os.path.getsize(packed_file),
+                  f'{name}_float32_checkpoint_bytes': packed.float_checkpoint_bytes(variables),
+                  f'{name}_one_bit_limit_bytes': packed.theoretical_bytes(model)})
+  return files, sizes
+
+
+def time_calls(call, images, calls: int) -> list[float]:
+  """Seconds of each of `calls` calls of `call(images)` after one untimed warm-up call."""
+  call(images)
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    call(images)
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _deploy_callers(config, case: dict) -> dict:
+  """{batch: images -> logits as numpy} of one deploy case."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if case['path'] in ('iree', 'onnx'):
+    from bhvit_jax import deploy_runtime  # pylint: disable=g-import-not-at-top
+    return {int(b): deploy_runtime.Model(path, case['threads']).predict_logits
+            for b, path in case['files'].items()}
+  import jax  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from bhvit_jax import packed  # pylint: disable=g-import-not-at-top
+  model = model_lib.build(config.model)
+  variables = checkpoint.load_any(case['checkpoint'], model)
+  if case['path'] == 'jax-packed':
+    weights = packed.arrays(packed.export(model, variables))
+    fn = jax.jit(lambda w, x: packed.apply(model, w, x))
+  else:
+    weights = variables
+    fn = jax.jit(lambda w, x: model.apply(w, x, train=False))
+  call = lambda x: np.asarray(fn(weights, x))
+  return {1: call, DEPLOY_BATCH: call}
+
+
+def deploy_case(config, case: dict, repeats: int) -> dict:
+  """Batch-1 latency over 10·repeats calls and batch-16 throughput (median of `repeats`) of
+  one path on `case['threads']` cores (the process's CPU affinity, which every runtime's
+  thread pool then fits; IREE and onnxruntime are also told the count)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:case['threads']])
+  if case['model'] == 'float':
+    config = float_twin(config)
+  size = config.model.image_size
+  rng = np.random.RandomState(0)
+  callers = _deploy_callers(config, case)
+  single = time_calls(callers[1], rng.randn(1, size, size, 3).astype(np.float32),
+                      10 * repeats)
+  batch = time_calls(callers[DEPLOY_BATCH],
+                     rng.randn(DEPLOY_BATCH, size, size, 3).astype(np.float32), repeats)
+  return {'latency_ms': 1e3 * median(single), 'latency_p90_ms': 1e3 * np.percentile(single, 90),
+          f'batch{DEPLOY_BATCH}_images_per_s': DEPLOY_BATCH / median(batch),
+          'latency_ms_all': [1e3 * t for t in single], 'peak_mem_gib': peak_rss_gib()}
+
+
+def deploy_cases(f, argv, tunables: bool) -> list[dict]:
+  """Exports the artifacts once, then runs every (path, threads) case in its own process."""
+  config = resolve_config(f)
+  with tempfile.TemporaryDirectory() as folder:
+    start = time.perf_counter()
+    files, sizes = export_deploy_artifacts(config, folder)
+    yield {'impl': 'deploy', 'mode': 'sizes', 'image_size': config.model.image_size,
+           'export_s': time.perf_counter() - start, **sizes}
+    for model, path in DEPLOY_PATHS:
+      for threads in DEPLOY_THREADS:
+        case = {'model': model, 'path': path, 'threads': threads,
+                'checkpoint': files[model]['checkpoint'],
+                'files': files[model].get(path, {})}
+        case_argv = [sys.executable, os.path.abspath(__file__), *argv[1:], '--impl', 'deploy',
+                     '--mode', 'deploy', '--deploy-case', json.dumps(case)]
+        yield _run_subprocess(case_argv, tunables)
+
+
 # ------------------------------------------------------------------ driver ---
 
 
@@ -393,6 +538,11 @@ def run_case(f, argv) -> dict:
   record = {'impl': f.impl, 'mode': f.mode[0], 'batch': f.batch, 'config': source,
             'overrides': [a for a in argv[1:] if a.startswith('--config.')],
             'load_avg': os.getloadavg()[0], 'cores': os.cpu_count(), 'cpu': cpu_name()}
+  if f.impl == 'deploy':
+    case = json.loads(f['deploy-case'].value)
+    record.update({k: case[k] for k in ('model', 'path', 'threads')})
+    record.update(deploy_case(config, case, f.repeats))
+    return record
   try:
     if f.impl == 'jax':
       if dtype == 'auto':
@@ -433,7 +583,9 @@ def define_flags(flag_values, argv):
                     **fv)
   flags.DEFINE_bool('json', False, 'one JSON line per case only', **fv)
   # Internal: run one case in this process (used by the driver's subprocesses).
-  flags.DEFINE_enum('impl', None, ['jax', 'torch'], 'internal: run one case here', **fv)
+  flags.DEFINE_enum('impl', None, ['jax', 'torch', 'deploy'], 'internal: run one case here',
+                    **fv)
+  flags.DEFINE_string('deploy-case', '', 'internal: JSON of one --mode deploy case', **fv)
   flags.DEFINE_string('weights', '', 'internal: initial weights (.npz) of the JAX cases', **fv)
 
 
@@ -472,6 +624,8 @@ def _describe(r: dict) -> str:
             f"{r['images_per_s']:7.1f} images/s ({per_worker}) (load {r['load_avg']:.1f})")
   if 'error' in r:
     return f'{head}: FAILED {r["error"]}'
+  if r.get('impl') == 'deploy':
+    return _describe_deploy(r)
   if 'skipped' in r:
     return f'{head}: skipped ({r["skipped"]})'
   return (f"{head}: {r['images_per_s']:7.2f} images/s  step {r['step_s']:.3f} s  "
@@ -479,6 +633,15 @@ def _describe(r: dict) -> str:
           f"(steps {r.get('steps_peak_mem_gib') or float('nan'):.2f})  "
           f"step buffers {r.get('step_buffers_gib') or float('nan'):.2f} GiB  "
           f"(load {r['load_avg']:.1f})")
+
+
+def _describe_deploy(r: dict) -> str:
+  if r['mode'] == 'sizes':
+    return 'deploy sizes (bytes): ' + ', '.join(f'{k[:-6]} {v:,.0f}' for k, v in r.items()
+                                                if k.endswith('_bytes'))
+  return (f"deploy {r['model']:>6} {r['path']:>10}, {r['threads']} thread(s): batch-1 "
+          f"{r['latency_ms']:8.2f} ms (p90 {r['latency_p90_ms']:8.2f}), batch {DEPLOY_BATCH} "
+          f"{r[f'batch{DEPLOY_BATCH}_images_per_s']:8.1f} images/s (load {r['load_avg']:.1f})")
 
 
 def _benchmark(f, argv):
@@ -491,8 +654,10 @@ def _benchmark(f, argv):
   with tempfile.TemporaryDirectory() as tmp:
     weights = os.path.join(tmp, 'reference_init.npz') if repo else ''
     for mode in f.mode:
-      if mode == 'data':
-        for record in data_cases(resolve_config(f), f.batch, f['data-images'].value):
+      if mode in ('data', 'deploy'):
+        cases = (data_cases(resolve_config(f), f.batch, f['data-images'].value)
+                 if mode == 'data' else deploy_cases(f, argv, f.malloc == 'tuned'))
+        for record in cases:
           records.append(record)
           print(json.dumps(record) if f.json else _describe(record), flush=True)
         continue
