@@ -29,7 +29,8 @@ FIXTURES = REPO.parent / 'shared' / 'fixtures'
 def _shared_fixtures(item) -> list:
   """Names of the module/session-scoped fixtures of `item`'s own module that it uses."""
   module = item.module.__name__
-  return sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()  # pylint: disable=protected-access
+  fixtures = item._fixtureinfo.name2fixturedefs  # pylint: disable=protected-access
+  return sorted(name for name, defs in fixtures.items()
                 if defs[-1].scope in ('module', 'session')
                 and getattr(defs[-1].func, '__module__', None) == module)
 
