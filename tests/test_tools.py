@@ -322,3 +322,18 @@ def test_evaluate_ema_of_a_run_without_ema_is_one_user_error(tiny, evaluate_tool
     evaluate_tool.evaluate_checkpoint(config, paths['orbax'], ema=True)
   with pytest.raises(config_lib.UserError, match='has no checkpoints_best/'):
     evaluate_tool.evaluate_checkpoint(config, paths['orbax'] + ':best')
+
+
+def test_benchmark_data_mode_reports_images_per_second_per_worker(monkeypatch, capsys):
+  """`--mode data --json`: one record per stream with positive rates per worker process
+  (tiny JPEGs, one worker, two timed batches: the fields, not the speed, are tested here)."""
+  benchmark = _load_tool('benchmark')
+  monkeypatch.setattr(benchmark, 'DATA_IMAGE_SIDES', (64, 48))
+  assert benchmark.main(['benchmark', '--mode', 'data', '--json', '--config',
+                         str(REPO / 'configs' / 'demo.py'), '--batch', '4', '--data-images',
+                         '12', '--data-workers', '1']) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r['stream'], r['workers']) for r in records] == [('train', 1), ('eval', 1)]
+  for r in records:
+    assert (r['impl'], r['batch'], r['image_size'], r['image_sides']) == ('data', 4, 32, [64, 48])
+    assert r['images_per_s'] > 0 and r['images_per_s_per_worker'] == r['images_per_s']
