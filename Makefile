@@ -10,7 +10,7 @@ demo: $(VENV)/.stamp-demo
 	$(PY) -m bhvit_jax.train --config configs/demo.py --workdir runs/demo
 
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -rs -n 2 --durations=15 tests
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -2,7 +2,6 @@
 tools/plot_training.py's PNG."""
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -270,16 +269,12 @@ def test_evaluate_image_folder_writes_each_images_logits(tiny, evaluate_tool, ph
 
 
 def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_folder,
-                                                          case_public, tmp_path):
+                                                          case_public, torch_repo, tmp_path):
   """The tool's float32 logits are the model's on the reference's pixels, and that model is
   the official one: equal to rounding in float64. (In float32 an activation within ~1e-7 of
   zero can flip sign between two implementations that sum in other orders, which moves the
   logits of such an image by 1e-3 or more: shared/fixtures/README.md.)"""
-  repo = os.environ.get('BHVIT_TORCH_REPO')
-  if not repo:
-    pytest.skip('set BHVIT_TORCH_REPO to a checkout of the official BHViT repository to '
-                'compare with its PyTorch model')
-  torch = pytest.importorskip('torch')
+  import torch  # pylint: disable=g-import-not-at-top
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
   from bhvit_jax import official  # pylint: disable=g-import-not-at-top
   from bhvit_jax import reference  # pylint: disable=g-import-not-at-top
@@ -304,7 +299,7 @@ def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_f
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   np.testing.assert_allclose([r['logits'] for r in rows], apply(variables, pixels), rtol=1e-5,
                              atol=1e-5)
-  torch_model = official.build_model(repo, config.model)
+  torch_model = official.build_model(torch_repo, config.model)
   torch_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
   torch_model.eval().double()
   with torch.inference_mode():
