@@ -10,7 +10,8 @@ demo: $(VENV)/.stamp-demo
 	$(PY) -m bhvit_jax.train --config configs/demo.py --workdir runs/demo
 
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n 2 --dist loadgroup -rs --durations=15 tests
+	BHVIT_TORCH_REPO=$${BHVIT_TORCH_REPO:-skip} \
+	  $(PY) -m pytest -q -n 2 --dist loadgroup -rs --durations=15 tests
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -24,12 +24,15 @@ from bhvit_jax import model as model_lib
 # Acceptance thresholds (issue "model + parity"): logits, CE and regularizer relative errors,
 # and the share of parameters whose gradient may be off by more than GRAD_REL. Against a
 # float64 replay every discrete decision is the reference's, so only rounding is left:
-# logits within LOGITS_REL_X64 and every gradient tensor within GRAD_REL.
+# logits within LOGITS_REL_X64 and every gradient tensor within GRAD_REL of the float32
+# reference gradients, or within GRAD_REL_X64 of the float64 replay's where it holds them.
 LOGITS_REL = 1e-4
 LOGITS_REL_X64 = 1e-10
 SCALAR_REL = 1e-5
 GRAD_REL = 1e-3
 GRAD_SHARE = 0.99
+GRAD_REL_X64 = 1e-10  # float64 gradients against the reference's float64 gradients
+NEAR_ZERO_ABS_X64 = 1e-12
 BN_REL = 1e-4
 NEAR_ZERO_ABS = 1e-5
 STEP_REL = 1e-8
@@ -151,8 +154,16 @@ def _train_loss(model, variables, images, labels):
 
 
 def _grad_report(grads, fx):
+  """Per-tensor gradient errors. With `--x64` and the float64 replay's gradients
+  (`f64/grad/*`) every tensor must agree to rounding: the reference's own float32 gradients may
+  take another straight-through decision in the backward pass than its float64 run (one output
+  row of a weight then differs by ~1e-3 relative), so they cannot judge a float64 replay.
+  Against float32 gradients 99% of the tensors must be within GRAD_REL (all of them in x64)."""
   mine = convert.flax_to_torch({'params': grads})
-  ref = prefixed(fx.data, 'grad/')
+  by_f64 = fx.x64 and any(k.startswith('f64/grad/') for k in fx.data)
+  ref = prefixed(fx.data, 'f64/grad/' if by_f64 else 'grad/')
+  rel_limit, abs_limit = (GRAD_REL_X64, NEAR_ZERO_ABS_X64) if by_f64 else (GRAD_REL,
+                                                                           NEAR_ZERO_ABS)
   near_zero = set(str(n) for n in fx.data.get('info/grad_near_zero_names', ()))
   rels, worst_abs = {}, 0.0
   for name, value in ref.items():
@@ -161,15 +172,15 @@ def _grad_report(grads, fx):
     else:
       rels[name] = rel_error(mine[name], value)
   values = np.array(list(rels.values()))
-  share_ok = float(np.mean(values <= GRAD_REL))
+  share_ok = float(np.mean(values <= rel_limit))
   worst5 = sorted(rels, key=rels.get, reverse=True)[:5]
-  # In float64 nothing may miss: the remaining difference is the reference's float32 rounding.
   share = 1.0 if fx.judged_by_f64 else GRAD_SHARE
-  return {'median_rel': float(np.median(values)), 'max_rel': float(values.max()),
+  return {'reference': 'float64' if by_f64 else 'float32', 'rel_limit': rel_limit,
+          'median_rel': float(np.median(values)), 'max_rel': float(values.max()),
           'frac_rel_over_1e-2': float(np.mean(values > 1e-2)), 'worst': worst5[0],
-          'worst5': [[n, rels[n]] for n in worst5], 'frac_within_1e-3': share_ok,
+          'worst5': [[n, rels[n]] for n in worst5], 'frac_within_limit': share_ok,
           'near_zero_max_abs': worst_abs, 'count': len(ref)}, (
-              share_ok >= share and worst_abs <= NEAR_ZERO_ABS)
+              share_ok >= share and worst_abs <= abs_limit)
 
 
 def _bn_report(updates, fx):

@@ -73,6 +73,23 @@ def steps_public():
 
 
 @pytest.fixture(scope='session')
+def torch_repo():
+  """The checkout of the official BHViT (IMRL/BHViT) named by BHVIT_TORCH_REPO, for the
+  comparisons with its PyTorch code. With PyTorch (the test extra) installed an unset or wrong
+  path fails; BHVIT_TORCH_REPO=skip skips those comparisons by choice."""
+  repo = os.environ.get('BHVIT_TORCH_REPO', '')
+  if repo == 'skip':
+    pytest.skip('BHVIT_TORCH_REPO=skip: comparison with the official PyTorch code not run')
+  pytest.importorskip('torch', reason='the comparisons with the official code need the test '
+                      'extra (PyTorch)')
+  assert repo, ('set BHVIT_TORCH_REPO to a checkout of the official BHViT (IMRL/BHViT) to '
+                'compare with its PyTorch code, or to "skip" to skip those comparisons')
+  assert (pathlib.Path(repo) / 'transformer' / 'BHViT.py').is_file(), (
+      f'BHVIT_TORCH_REPO={repo} is not a checkout of the official BHViT (no transformer/BHViT.py)')
+  return repo
+
+
+@pytest.fixture(scope='session')
 def photos():
   """{'china', 'flower'}: scikit-learn's two sample photographs, RGB 640x427 PIL images
   (read from the package's files: importing sklearn.datasets takes seconds)."""

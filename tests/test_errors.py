@@ -181,6 +181,7 @@ CASES = [
     ('benchmark', ['--set', 'model.gsb=True'], "Unknown command line flag 'set'"),
     ('benchmark', ['--config', T, '--config.model.image_size=33'], 'image_size=33'),
     ('benchmark', ['--torch-repo', f'{D}/none'], '--torch-repo does not exist'),
+    ('benchmark', ['--mode', 'data', '--data-workers', 'two'], '--data-workers must be'),
 ]
 
 

@@ -2,7 +2,6 @@
 tools/plot_training.py's PNG."""
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -270,16 +269,14 @@ def test_evaluate_image_folder_writes_each_images_logits(tiny, evaluate_tool, ph
 
 
 def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_folder,
-                                                          case_public, tmp_path):
+                                                          case_public, torch_repo, tmp_path):
   """The tool's float32 logits are the model's on the reference's pixels, and that model is
-  the official one: equal to rounding in float64. (In float32 an activation within ~1e-7 of
-  zero can flip sign between two implementations that sum in other orders, which moves the
-  logits of such an image by 1e-3 or more: shared/fixtures/README.md.)"""
-  repo = os.environ.get('BHVIT_TORCH_REPO')
-  if not repo:
-    pytest.skip('set BHVIT_TORCH_REPO to a checkout of the official BHViT repository to '
-                'compare with its PyTorch model')
-  torch = pytest.importorskip('torch')
+  the official one: equal to rounding in float64 on every image. In float32 an activation
+  within ~1e-7 of zero can take the other sign in two implementations that sum in other
+  orders, which moves that image's logits by 1e-4 or more (the fixtures' README): here 2 of
+  the 20 images (the official float32 run itself parts from its float64 run on 5), with the
+  official initial weights too (1 of 20), so float32 is judged on most images, not all."""
+  import torch  # pylint: disable=g-import-not-at-top
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
   from bhvit_jax import official  # pylint: disable=g-import-not-at-top
   from bhvit_jax import reference  # pylint: disable=g-import-not-at-top
@@ -299,16 +296,20 @@ def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_f
   rows = _read_predictions(out)
   assert (result['examples'], result['skipped']) == (20, 1)
   pixels = _folder_pixels(photo_folder, rows, 224)
-  model = train.build_model(config.model)
+  model = model_lib.from_config(config.model)
   variables = convert.torch_to_flax(state, model)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  np.testing.assert_allclose([r['logits'] for r in rows], apply(variables, pixels), rtol=1e-5,
-                             atol=1e-5)
-  torch_model = official.build_model(repo, config.model)
+  logits = np.array([r['logits'] for r in rows])
+  np.testing.assert_allclose(logits, apply(variables, pixels), rtol=1e-5, atol=1e-5)
+  torch_model = official.build_model(torch_repo, config.model)
   torch_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
-  torch_model.eval().double()
+  torch_model.eval()
   with torch.inference_mode():
-    want = torch_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float64)))[0]
+    want32 = torch_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))[0].numpy()
+    want = torch_model.double()(torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(
+        np.float64)))[0]
+  rel32 = np.linalg.norm(logits - want32, axis=1) / np.linalg.norm(want32, axis=1)
+  assert np.mean(rel32 <= 1e-5) >= 0.75, rel32
   with jax.enable_x64(True):
     got = np.asarray(apply(jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64),
                                                   variables), pixels.astype(np.float64)))
@@ -322,3 +323,18 @@ def test_evaluate_ema_of_a_run_without_ema_is_one_user_error(tiny, evaluate_tool
     evaluate_tool.evaluate_checkpoint(config, paths['orbax'], ema=True)
   with pytest.raises(config_lib.UserError, match='has no checkpoints_best/'):
     evaluate_tool.evaluate_checkpoint(config, paths['orbax'] + ':best')
+
+
+def test_benchmark_data_mode_reports_images_per_second_per_worker(monkeypatch, capsys):
+  """`--mode data --json`: one record per stream with positive rates per worker process
+  (tiny JPEGs, one worker, two timed batches: the fields, not the speed, are tested here)."""
+  benchmark = _load_tool('benchmark')
+  monkeypatch.setattr(benchmark, 'DATA_IMAGE_SIDES', (64, 48))
+  assert benchmark.main(['benchmark', '--mode', 'data', '--json', '--config',
+                         str(REPO / 'configs' / 'demo.py'), '--batch', '4', '--data-images',
+                         '12', '--data-workers', '1']) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r['stream'], r['workers']) for r in records] == [('train', 1), ('eval', 1)]
+  for r in records:
+    assert (r['impl'], r['batch'], r['image_size'], r['image_sides']) == ('data', 4, 32, [64, 48])
+    assert r['images_per_s'] > 0 and r['images_per_s_per_worker'] == r['images_per_s']

@@ -108,15 +108,6 @@ def assert_one_error_line(capsys, fragment):
 # ------------------------------------------------------ official checkout ---
 
 
-@pytest.fixture(scope='module')
-def torch_repo():
-  repo = os.environ.get('BHVIT_TORCH_REPO')
-  if not repo:
-    pytest.skip('set BHVIT_TORCH_REPO to a checkout of the official BHViT (IMRL/BHViT) to run '
-                'the checks against the official PyTorch code')
-  return repo
-
-
 VERIFY_CONFIG = str(REPO / 'configs' / 'verify.py')
 
 
@@ -145,7 +136,11 @@ def test_record_then_verify_round_trip(torch_repo, tmp_path, x64):
   assert report['absent'] == ['steps', 'after_step0'], report['absent']
   assert report['passed'], report
   assert max(report['eval_logits']['rel'], report['train_logits']['rel']) <= 1e-10
-  assert report['grads']['max_rel'] <= 1e-3 and report['grads']['count'] > 100
+  # Gradients against the official float64 gradients: its float32 backward pass may take
+  # another straight-through decision (one output row of a weight then differs by ~1e-3).
+  grads = report['grads']
+  assert grads['reference'] == 'float64' and grads['count'] > 100
+  assert grads['max_rel'] <= 1e-10 and grads['near_zero_max_abs'] <= 1e-12
   assert report['calibration']['train_logits']['rel'] <= 1e-10
 
 

@@ -264,13 +264,28 @@ class SkipCase(Exception):
 # ------------------------------------------------------------- input data ---
 
 
+def sample_photographs() -> list:
+  """scikit-learn's two sample photographs (china, flower) as RGB PIL images, read from the
+  package's files (importing sklearn.datasets takes seconds)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec('sklearn')
+  if spec is None:
+    raise cli.UserError('--mode data needs scikit-learn (the test extra) for its sample '
+                        'photographs')
+  folder = os.path.join(os.path.dirname(spec.origin), 'datasets', 'images')
+  photos = []
+  for name in ('china', 'flower'):
+    with Image.open(os.path.join(folder, f'{name}.jpg')) as image:
+      photos.append(image.convert('RGB'))
+  return photos
+
+
 def write_sample_jpegs(folder: str, count: int, seed: int = 0) -> None:
   """`count` JPEGs of 500x375 (a quarter portrait) in `folder`/<class>/: random crops of
   scikit-learn's two sample photographs, rescaled."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
-  photos = [Image.fromarray(p) for p in load_sample_images().images]
+  photos = sample_photographs()
   rng = np.random.default_rng(seed)
   for i in range(count):
     photo = photos[i % len(photos)]
@@ -303,8 +318,9 @@ def time_stream(iterator, batches: int) -> tuple[float, float]:
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def data_cases(config, batch: int, images: int) -> list[dict]:
-  """Records of the train and eval streams for 0 (threads), 1, 2 and all-core workers."""
+def data_cases(config, batch: int, images: int, worker_counts=()) -> list[dict]:
+  """Records of the train and eval streams for each of `worker_counts` (default 0 (threads),
+  1, 2 and all-core workers)."""
   from bhvit_jax import data  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import prepare_imagefolder  # pylint: disable=g-import-not-at-top
@@ -314,7 +330,7 @@ def data_cases(config, batch: int, images: int) -> list[dict]:
     write_sample_jpegs(os.path.join(tmp, 'src', 'train'), images)
     prepare_imagefolder.prepare(os.path.join(tmp, 'src'), os.path.join(tmp, 'shards'),
                                 splits=('train',), workers=1)
-    for workers in sorted({0, 1, 2, cores}):
+    for workers in sorted(set(worker_counts) or {0, 1, 2, cores}):
       cfg = data_config(config, os.path.join(tmp, 'shards'), batch, workers)
       for stream in ('train', 'eval'):
         build = data.build_train_iter if stream == 'train' else data.build_eval_iter
@@ -573,6 +589,8 @@ def define_flags(flag_values, argv):
   flags.DEFINE_integer('repeats', 5, 'timed steps (median reported)', lower_bound=1, **fv)
   flags.DEFINE_integer('data-images', 256, 'JPEGs streamed per --mode data case',
                        lower_bound=2, **fv)
+  flags.DEFINE_list('data-workers', [], 'data.num_workers values of --mode data (default 0, '
+                    '1, 2 and all cores; 0: loader threads in this process)', **fv)
   flags.DEFINE_enum('compute-dtype', 'auto', ['auto', 'float32', 'bfloat16'],
                     "'auto': float32 on CPU, the config's compute_dtype elsewhere", **fv)
   flags.DEFINE_string('torch-repo', '', 'checkout of the official BHViT repository', **fv)
@@ -594,6 +612,9 @@ def check_flags(f):
   if bad or not f.mode:
     raise cli.UserError(f'--mode must be a comma-separated subset of {",".join(MODES)} '
                         f'({",".join(f.mode)})')
+  if not all(w.isdigit() for w in f['data-workers'].value):
+    raise cli.UserError('--data-workers must be a comma-separated list of counts >= 0 '
+                        f"({','.join(f['data-workers'].value)})")
   if f['torch-repo'].value:
     cli.input_path(f['torch-repo'].value, '--torch-repo', 'dir')
   config = resolve_config(f)
@@ -655,7 +676,8 @@ def _benchmark(f, argv):
     weights = os.path.join(tmp, 'reference_init.npz') if repo else ''
     for mode in f.mode:
       if mode in ('data', 'deploy'):
-        cases = (data_cases(resolve_config(f), f.batch, f['data-images'].value)
+        workers = [int(w) for w in f['data-workers'].value]
+        cases = (data_cases(resolve_config(f), f.batch, f['data-images'].value, workers)
                  if mode == 'data' else deploy_cases(f, argv, f.malloc == 'tuned'))
         for record in cases:
           records.append(record)

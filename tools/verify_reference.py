@@ -8,7 +8,9 @@ A fixture may hold any subset of the documented parts (forward, gradients, Batch
 statistics, regularizer, non-gsb calibration, training steps, float64 replays): the absent
 ones are listed as absent and the rest is judged. `--x64` runs in float64 and compares with
 the fixture's float64 replay (the judge: every sign decision is the reference's; logits must
-agree within 1e-10 and every gradient tensor within 1e-3, the five worst are listed).
+agree within 1e-10 and every gradient tensor within 1e-10 of the float64 gradients where the
+fixture holds them (`f64/grad/*`), else within 1e-3 of the float32 ones; the five worst are
+listed).
 Exit status 0 when every present part passed, 1 when one failed, 2 when the file is not a
 fixture.
 """
