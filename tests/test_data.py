@@ -1,8 +1,6 @@
 """Data pipeline: embedded MNIST, resumable train stream, sharding, ImageFolder, TFDS."""
 
-import importlib.util
 import json
-import pathlib
 
 from array_record.python import array_record_module
 import ml_collections
@@ -12,18 +10,9 @@ import pytest
 
 from bhvit_jax import config_lib
 from bhvit_jax import data
+import programs
 
-_TOOL = pathlib.Path(__file__).resolve().parents[1] / 'tools' / 'prepare_imagefolder.py'
-
-
-def _load_tool():
-  spec = importlib.util.spec_from_file_location('prepare_imagefolder', _TOOL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-prepare_imagefolder = _load_tool()
+prepare_imagefolder = programs.load_tool('prepare_imagefolder')
 
 
 def make_config(name='mnist', data_dir='', image_size=16, batch_size=64, **data_overrides):

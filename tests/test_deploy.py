@@ -26,8 +26,9 @@ from bhvit_jax import model as model_lib
 from bhvit_jax import packed
 from bhvit_jax import predict
 import test_tools
+import programs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = programs.REPO
 NUM_IMAGES = 3  # with the IREE module's batch of 2: one full and one padded call
 FORMATS = ('iree', 'onnx')
 ONNX_EXPORT = importlib.util.find_spec('jax2onnx') is not None
@@ -40,15 +41,7 @@ def _exported_as(exported, fmt) -> str:
   return exported['artifact'][fmt]
 
 
-def _load_tool():
-  spec = importlib.util.spec_from_file_location('export_deploy', REPO / 'tools' /
-                                                'export_deploy.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-export_deploy = _load_tool()
+export_deploy = programs.load_tool('export_deploy')
 
 
 @pytest.fixture(scope='module')

@@ -5,7 +5,6 @@ existing file (a trained run, the inputs, an output that would be overwritten) u
 The programs run in-process through their `main(argv)`; one case runs as a real subprocess.
 """
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from bhvit_jax import packed
 from bhvit_jax import train
 
 from test_tools import REPO, TINY_CONFIG
+import programs
 
 # Two steps of the shrunk demo (stopped as on a preemption, so without the final evaluation):
 # a trained run with checkpoints, metrics and a plot, to be left intact by every bad input.
@@ -32,13 +32,6 @@ TRAIN_STEPS = 2
 
 TOOLS = ('evaluate', 'count_ops', 'export_packed', 'plot_attention', 'convert_torch',
          'verify_reference', 'plot_training', 'prepare_imagefolder', 'benchmark')
-
-
-def _load_tool(name):
-  spec = importlib.util.spec_from_file_location(f'tool_{name}', REPO / 'tools' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope='module')
@@ -186,22 +179,22 @@ CASES = [
 
 
 @pytest.fixture(scope='module')
-def programs():
-  return {'train': train_main.main, **{name: _load_tool(name).main for name in TOOLS}}
+def mains():
+  return {'train': train_main.main, **{name: programs.load_tool(name).main for name in TOOLS}}
 
 
 def _expand(args, root):
   return [a.replace(T, str(root / 'tiny.py')).replace(D, str(root)) for a in args]
 
 
-def test_every_bad_input_is_one_error_line_and_changes_nothing(root, programs, capsys):
+def test_every_bad_input_is_one_error_line_and_changes_nothing(root, mains, capsys):
   assert len(CASES) >= 30
   before = _snapshot(root)
   assert any(k.startswith('run/checkpoints/') for k in before) and 'run/metrics.jsonl' in before
   failures = []
   for program, args, expected in CASES:
     argv = [program] + _expand(args, root)
-    status = programs[program](argv)
+    status = mains[program](argv)
     out, err = capsys.readouterr()
     lines = err.splitlines()
     problems = []
@@ -244,16 +237,16 @@ BASE = dict(hidden_sizes=(96, 192, 384, 768), depths=(2, 2, 18, 2), num_heads=(3
             mlp_sizes=(384, 768, 1536, 3072))
 
 
-def test_a_variant_added_in_process_reaches_the_tools(programs, monkeypatch, capsys, tmp_path):
+def test_a_variant_added_in_process_reaches_the_tools(mains, monkeypatch, capsys, tmp_path):
   monkeypatch.setitem(model_lib.VARIANTS, 'base', BASE)
-  assert programs['count_ops'](['count_ops', '--variant', 'base', '--json']) == 0
+  assert mains['count_ops'](['count_ops', '--variant', 'base', '--json']) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   shapes = jax.eval_shape(lambda k: model_lib.init_variables(model_lib.BHViT(**BASE), k),
                           jax.random.PRNGKey(0))
   assert summary['params'] == sum(int(np.prod(x.shape))
                                   for x in jax.tree_util.tree_leaves(shapes['params']))
 
-  benchmark = _load_tool('benchmark')
+  benchmark = programs.load_tool('benchmark')
   flag_values, _ = cli.parse(benchmark.define_flags, ['benchmark', '--variant', 'base'])
   config = benchmark.resolve_config(flag_values)
   assert tuple(config.model.depths) == (2, 2, 18, 2)
@@ -262,7 +255,7 @@ def test_a_variant_added_in_process_reaches_the_tools(programs, monkeypatch, cap
   # One block per stage and 32² inputs, so that the export compiles quickly.
   out = tmp_path / 'base.pk'
   small = {'depths': [1, 1, 1, 1], 'image_size': 32, 'window_size': 1, 'num_classes': 10}
-  assert programs['export_packed'](['export_packed', '--variant', 'base', '--model-json',
+  assert mains['export_packed'](['export_packed', '--variant', 'base', '--model-json',
                                     json.dumps(small), '--out', str(out)]) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert report['logits_rel'] < 1e-5

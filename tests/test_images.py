@@ -2,11 +2,9 @@
 pixel equality with torchvision's rules written here with PIL primitives, and the defined
 outcome of every awkward input of a converted data set."""
 
-import importlib.util
 import io
 import math
 import os
-import pathlib
 
 import ml_collections
 import numpy as np
@@ -15,11 +13,9 @@ import pytest
 
 from bhvit_jax import config_lib
 from bhvit_jax import data
+import programs
 
-_TOOL = pathlib.Path(__file__).resolve().parents[1] / 'tools' / 'prepare_imagefolder.py'
-_spec = importlib.util.spec_from_file_location('prepare_imagefolder', _TOOL)
-prepare_imagefolder = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare_imagefolder)
+prepare_imagefolder = programs.load_tool('prepare_imagefolder')
 
 
 @pytest.fixture(scope='module')

@@ -1,9 +1,7 @@
 """Research knobs: EMA of the weights, the best checkpoint (with a held-out split), gradient
 accumulation."""
-import importlib.util
 import json
 import os
-import pathlib
 
 import flax
 import jax
@@ -18,15 +16,12 @@ from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import train
 from standin import StandIn
+import programs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):
-  spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = programs.demo_config()
   config.data.image_size = 8
   config.update(batch_size=16, total_steps=8, **overrides)
   config.optim.update(schedule='constant', weight_decay=0.01)

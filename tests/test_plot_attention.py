@@ -1,5 +1,4 @@
 """tools/plot_attention.py writes a readable, non-blank PNG of the binarized attention."""
-import importlib.util
 import os
 
 import jax
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 from bhvit_jax import model as model_lib
+import programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = dict(hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4),
@@ -16,17 +16,9 @@ FIELDS = dict(hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1
               window_size=3)
 
 
-def _tool():
-  spec = importlib.util.spec_from_file_location(
-      'plot_attention', os.path.join(ROOT, 'tools', 'plot_attention.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.parametrize('gsb', [True, False])
 def test_writes_non_blank_png(tmp_path, gsb):
-  tool = _tool()
+  tool = programs.load_tool('plot_attention')
   model = model_lib.BHViT(**FIELDS, gsb=gsb)
   image = tool.load_image('mnist:3', model.image_size)
   assert image.shape == (48, 48, 3) and image.dtype == np.float32
@@ -44,7 +36,7 @@ def test_writes_non_blank_png(tmp_path, gsb):
 
 
 def test_key_layout_places_window_and_global_tokens():
-  tool = _tool()
+  tool = programs.load_tool('plot_attention')
   row = np.arange(9 + 4, dtype=float)
   grid = tool.key_layout(row, 3)
   np.testing.assert_array_equal(grid[:3, :3], np.arange(9).reshape(3, 3))
@@ -53,7 +45,7 @@ def test_key_layout_places_window_and_global_tokens():
 
 
 def test_bad_selection_is_named():
-  tool = _tool()
+  tool = programs.load_tool('plot_attention')
   model = model_lib.BHViT(**FIELDS, gsb=True)
   image = np.zeros((48, 48, 3), np.float32)
   variables = jax.eval_shape(model.init, {'params': jax.random.PRNGKey(0)},

@@ -38,8 +38,9 @@ from bhvit_jax import optim
 from bhvit_jax import plots
 from bhvit_jax import train
 from standin import StandIn
+import programs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = programs.REPO
 TINY = ['--config.model.hidden_sizes=(16,32,64,128)', '--config.model.mlp_sizes=(32,64,128,256)',
         '--config.batch_size=8', '--config.total_steps=12', '--config.checkpoint_every_steps=3',
         '--config.keep_checkpoints=10', '--config.eval_every_steps=0',
@@ -304,15 +305,11 @@ def _imagefolder(tmp_path, records):
     writer.write(record)
   writer.close()
   (tmp_path / 'labels.json').write_text(json.dumps(['a', 'b', 'c']))
-  config = _demo_config()
+  config = programs.demo_config()
   config.data.update(name='imagefolder', data_dir=str(tmp_path), image_size=8,
                      min_crop_scale=1.0)
   config.batch_size = 2
   return config
-
-
-def _demo_config():
-  return config_lib.load_config_file(str(REPO / 'configs' / 'demo.py'))
 
 
 def test_corrupt_image_is_skipped_with_a_count_or_fails_by_config(tmp_path):
@@ -335,7 +332,7 @@ def test_corrupt_image_is_skipped_with_a_count_or_fails_by_config(tmp_path):
 
 
 def test_dotted_key_suggestions_cover_nested_keys():
-  config = _demo_config()
+  config = programs.demo_config()
   config_lib.check_keys(config, ['optim.base_lr', 'model', 'loss.teacher.kind'])
   with pytest.raises(config_lib.ConfigError, match=r'config\.loss\.teacher\.kind\?'):
     config_lib.check_keys(config, ['loss.teacher.knd'])
@@ -383,7 +380,7 @@ def _stand_in(mp, poisoned=True):
 
 
 def _loop_config(**overrides):
-  config = _demo_config()
+  config = programs.demo_config()
   config.data.image_size = 8
   config.update(batch_size=16, total_steps=6, checkpoint_every_steps=2, keep_checkpoints=10,
                 eval_every_steps=2, log_every_steps=1)

@@ -1,8 +1,6 @@
 """tools/evaluate.py (float and packed checkpoints) against a direct numpy evaluation;
 tools/plot_training.py's PNG."""
-import importlib.util
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -18,8 +16,9 @@ from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
 from bhvit_jax import model as model_lib
 from bhvit_jax import packed
+import programs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = programs.REPO
 # The demo model shrunk so it compiles in seconds; evaluated on the 500 held-out digits.
 TINY_CONFIG = f'''
 from bhvit_jax import config_lib
@@ -197,16 +196,9 @@ def test_plot_training_names_a_workdir_without_metrics(tmp_path):
 # ----------------------------------------------------------- image folders ---
 
 
-def _load_tool(name):
-  spec = importlib.util.spec_from_file_location(f'{name}_tool', REPO / 'tools' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.fixture(scope='module')
 def evaluate_tool():
-  return _load_tool('evaluate')
+  return programs.load_tool('evaluate')
 
 
 @pytest.fixture(scope='module')
@@ -328,7 +320,7 @@ def test_evaluate_ema_of_a_run_without_ema_is_one_user_error(tiny, evaluate_tool
 def test_benchmark_data_mode_reports_images_per_second_per_worker(monkeypatch, capsys):
   """`--mode data --json`: one record per stream with positive rates per worker process
   (tiny JPEGs, one worker, two timed batches: the fields, not the speed, are tested here)."""
-  benchmark = _load_tool('benchmark')
+  benchmark = programs.load_tool('benchmark')
   monkeypatch.setattr(benchmark, 'DATA_IMAGE_SIDES', (64, 48))
   assert benchmark.main(['benchmark', '--mode', 'data', '--json', '--config',
                          str(REPO / 'configs' / 'demo.py'), '--batch', '4', '--data-images',

@@ -1,9 +1,7 @@
 """Training loop: one step learns, resume is exact, non-finite steps are skipped, checkpoints."""
-import importlib.util
 import json
 import logging
 import os
-import pathlib
 import signal
 import threading
 
@@ -18,20 +16,13 @@ from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import train
 from standin import StandIn
+import programs
 
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _demo_config():
-  spec = importlib.util.spec_from_file_location('demo_config', REPO / 'configs' / 'demo.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _config(**overrides):
-  config = _demo_config()
+  config = programs.demo_config()
   config.data.image_size = 8
   config.batch_size = 16
   config.total_steps = 6
