@@ -24,13 +24,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bhvit_jax import config_lib
+from bhvit_jax import convert
+from bhvit_jax import finetune
+from bhvit_jax import model as model_lib
 from bhvit_jax import sharding as sharding_lib
+from bhvit_jax.mismatch import ShapeMismatchError, check_shapes
 
 PyTree = Any
-
-
-class ShapeMismatchError(config_lib.UserError):
-  """The checkpoint was written by a model/optimizer of another shape."""
 
 
 class CheckpointReadError(RuntimeError):
@@ -89,36 +89,6 @@ def _decode_meta(value):
   if isinstance(value, list):
     return [_decode_meta(v) for v in value]
   return value
-
-
-def raise_mismatch(what: str, problems: list):
-  """Raises ShapeMismatchError with the one mismatch listing every loader uses (no-op when
-  `problems` is empty): one line per name, at most 40 shown."""
-  if not problems:
-    return
-  shown = problems[:40] + ([f'  ... and {len(problems) - 40} more'] if len(problems) > 40 else [])
-  raise ShapeMismatchError(
-      f'{what} does not match the current model/optimizer configuration '
-      f'({len(problems)} mismatches); was it written with another model config? Nothing on '
-      'disk was changed.\n' + '\n'.join(shown))
-
-
-def mismatch_lines(stored: dict, target: dict) -> list:
-  """Listing lines for flat {name: shape} dicts of a checkpoint and of the model."""
-  lines = [f'  {k}: checkpoint {stored[k]} vs model {target[k]}'
-           for k in sorted(stored.keys() & target.keys()) if stored[k] != target[k]]
-  lines += [f'  {k}: not in the model' for k in sorted(stored.keys() - target.keys())]
-  return lines + [f'  {k}: missing in checkpoint' for k in sorted(target.keys() - stored.keys())]
-
-
-def _flat_shapes(tree) -> dict:
-  flat = flax.traverse_util.flatten_dict(tree, sep='/') if isinstance(tree, dict) else {}
-  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
-
-
-def check_shapes(stored: dict, target: dict, what: str):
-  """Raises ShapeMismatchError listing every leaf whose shape or presence differs."""
-  raise_mismatch(what, mismatch_lines(_flat_shapes(stored), _flat_shapes(target)))
 
 
 def _without_absent_empty(target, stored):
@@ -357,13 +327,7 @@ def is_packed_file(spec: str) -> bool:
   return os.path.isfile(spec) and not str(spec).endswith(FLOAT_FILES)
 
 
-def _finetune():
-  from bhvit_jax import finetune  # pylint: disable=g-import-not-at-top  (it imports convert, us)
-  return finetune
-
-
 def _read_variables(path: str, step: Optional[int], model, adapt: bool, ema: bool) -> dict:
-  from bhvit_jax import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
   if not os.path.exists(path):
     raise config_lib.UserError(f'checkpoint not found ({path})')
   if os.path.isdir(path):
@@ -375,7 +339,7 @@ def _read_variables(path: str, step: Optional[int], model, adapt: bool, ema: boo
     return convert.load_flax_variables(path)
   if path.endswith(('.pth', '.pt', '.npz')):
     state = convert.load_torch_file(path)
-    return convert.torch_to_flax(state, _finetune().source_model(state, model) if adapt else model)
+    return convert.torch_to_flax(state, finetune.source_model(state, model) if adapt else model)
   raise config_lib.UserError(f'{path}: a bit-packed file holds no latent weights; expected a '
                              f'run directory, WORKDIR:<step> or a {"/".join(FLOAT_FILES)} file')
 
@@ -395,14 +359,13 @@ def load_any(spec: str, model, reference: Optional[dict] = None, adapt: bool = F
   path, step = split_spec(spec)
   read = _read_variables(path, step, model, adapt, ema)  # before tracing: bad files fail fast
   if reference is None:
-    from bhvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
     reference = jax.eval_shape(lambda rng: model_lib.init_variables(model, rng),
                                jax.random.PRNGKey(0))
   loaded = {k: v for k, v in read.items() if k in reference and v}
   if 'params' not in loaded:
     raise config_lib.UserError(f'checkpoint {spec} contains no params')
   if adapt:
-    loaded = _finetune().adapt_variables(loaded, reference)
+    loaded = finetune.adapt_variables(loaded, reference)
   check_shapes(loaded, {k: reference[k] for k in loaded}, f'checkpoint {spec}')
   merged = dict(reference)
   merged.update({k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in loaded.items()})

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bhvit_jax import checkpoint
 from bhvit_jax import config_lib
+from bhvit_jax import mismatch
 from bhvit_jax import model as model_lib
 
 # Flax collection of every PyTorch buffer name.
@@ -96,7 +96,7 @@ def torch_to_flax(state_dict, model: model_lib.BHViT, dtype=None):
   """PyTorch state dict (name -> array/tensor) -> Flax variables for `model`.
 
   Raises:
-    checkpoint.ShapeMismatchError listing every missing, unexpected and mis-shaped name.
+    mismatch.ShapeMismatchError listing every missing, unexpected and mis-shaped name.
   """
   state = {k: _numpy(v) for k, v in unwrap_checkpoint(state_dict).items()}
   shapes = variable_shapes(model)
@@ -116,7 +116,7 @@ def torch_to_flax(state_dict, model: model_lib.BHViT, dtype=None):
       cast = spec.dtype if dtype is None or not jnp.issubdtype(spec.dtype, jnp.floating) else dtype
       out.setdefault(col, {})[path] = np.asarray(value, dtype=cast)
   # Names the model lacks first: they tell a foreign state dict apart at a glance.
-  checkpoint.raise_mismatch('the PyTorch state dict', wrong + [
+  mismatch.raise_mismatch('the PyTorch state dict', wrong + [
       f'  {name}: not in the model' for name in sorted(state)] + missing)
   return {col: flax.traverse_util.unflatten_dict(flat) for col, flat in out.items()}
 
@@ -189,9 +189,7 @@ def save_flax_file(variables, path):
 
 
 def load_flax_variables(path):
-  """Variables from a `.msgpack` file or an orbax run directory of `bhvit_jax.train`."""
-  if os.path.isdir(path):
-    return checkpoint.load_variables(path)
+  """Variables from a `.msgpack` file (`checkpoint.load_any` reads every format)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'no Flax variables at {path}')
   with open(path, 'rb') as f:

@@ -35,10 +35,9 @@ from PIL import Image
 
 from bhvit_jax import augment as augment_lib
 from bhvit_jax import config_lib
-# The eval preprocessing lives in the JAX-free module; its names stay importable from here.
-from bhvit_jax.transforms import (IMAGE_EXTENSIONS, INTERPOLATIONS, NO_RESIZE_MAX, as_pil,
-                                  decode_image, eval_transform, normalize, resample_filter,
-                                  to_rgb)
+# The eval preprocessing lives in the JAX-free module (the deploy runtime uses it too).
+from bhvit_jax.transforms import (IMAGE_EXTENSIONS, INTERPOLATIONS, as_pil, decode_image,
+                                  eval_transform, normalize, resample_filter, to_rgb)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
