@@ -23,6 +23,7 @@ from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import config_lib
 from bhvit_jax import data as data_lib
 from bhvit_jax import layers
+from bhvit_jax import metrics as metrics_lib
 from bhvit_jax import model as model_lib
 from bhvit_jax import optim
 from bhvit_jax import train as train_lib
@@ -136,7 +137,7 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(config) -> SegmentationModel:
-  backbone = train_lib.build_model(config.model, config.compute_dtype)
+  backbone = model_lib.build(config.model, config.compute_dtype)
   seg = config.segmentation
   check_geometry(backbone.image_size, seg.cells)
   return SegmentationModel(backbone, FPNHead(NUM_CLASSES, seg.head_features, seg.binary_head,
@@ -233,7 +234,7 @@ def train_and_evaluate(config, workdir: str):
     state, history = restored[1]['train'], restored[2]['history']
   elif train_lib._needs_calibration(state.variables()):  # pylint: disable=protected-access
     state = train_lib._calibrate(model, state, first['image'])  # pylint: disable=protected-access
-  writer = train_lib.MetricsWriter(workdir, history)
+  writer = metrics_lib.MetricsWriter(workdir, history)
   train_step = jax.jit(make_train_step(model, tx, lr_fn), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model))
 

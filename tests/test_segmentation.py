@@ -1,4 +1,6 @@
 """Backbone features, the digit-mask task, mIoU and a few segmentation training steps."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,24 @@ def test_fpn_head(binary):
   assert logits.shape == (2, 8, 8, segmentation.NUM_CLASSES)
   # A binary head reads only the signs of the features.
   assert np.array_equal(logits, scaled) == binary
+
+
+def test_segmentation_run_trains_evaluates_and_resumes(tmp_path):
+  """The task's own loop (configs/segmentation_demo.py, shrunk): two steps, a checkpoint,
+  strict-JSON metrics with the final mIoU; a rerun resumes instead of training again."""
+  from configs import segmentation_demo  # pylint: disable=g-import-not-at-top
+  config = segmentation_demo.get_config()
+  config.model.update(hidden_sizes=TINY['hidden_sizes'], mlp_sizes=TINY['mlp_sizes'],
+                      num_heads=TINY['num_heads'])
+  config.segmentation.update(head_features=8, eval_canvases=4)
+  config.update(batch_size=4, total_steps=2, checkpoint_every_steps=1, eval_every_steps=0,
+                log_every_steps=1)
+  config.optim.warmup_steps = 1
+  state, summary = segmentation.train_and_evaluate(config, str(tmp_path))
+  assert summary['step'] == 2 and 0 <= summary['miou'] <= 100
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if r['kind'] == 'train'] == [1, 2]
+  assert [r['miou'] for r in records if r['kind'] == 'eval'] == [summary['miou']]
+  _, again = segmentation.train_and_evaluate(config, str(tmp_path))
+  assert again == summary
+  assert int(state.step) == 2
