@@ -10,11 +10,11 @@ learned position embeddings bicubically from the 32² grids (8/4/2/1) to the 64�
 (16/8/4/2); every other tensor is the demo run's. The backbone's learning rate decays
 layer-wise (optim.layer_decay 0.75: the head at 1, the stem at 0.75^5).
 
-Hardware / time: 2-core CPU, no accelerator: 183 s of CPU time for the 300 steps of batch 32
-(8 min 17 s wall on cores shared with other jobs, load ~10; expect ~2-3 min alone).
-Expected: held-out top-1 96.02% on the 251 held-out digits 5-9 (93.63% at step 150), starting
-from a demo run that scored 97.60% on all ten digits at 32². The same config without
-init_from (layer decay left on) reaches 92.03% (91.24% at step 150).
+Hardware / time: 2-core CPU, no accelerator: 158 s of CPU time for the 300 steps of batch 32
+(2 min 53 s wall beside another job; about 2.5 min alone).
+Expected: held-out top-1 95.62% on the 251 held-out digits 5-9 (94.42% at step 150), starting
+from the `make demo` run (94.80% on all ten digits at 32²). The same config without
+init_from (layer decay left on) reaches 94.02% (90.84% at step 150).
 """
 from configs import demo
 

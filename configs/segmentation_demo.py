@@ -10,10 +10,9 @@ backbone (configs/demo.py's model at 64²: stage grids 16/8/4/2) feeds its four 
 full-precision FPN head (`--config.segmentation.binary_head=True` makes its convs 1-bit).
 `model.num_classes` is unused: the backbone's classifier is not built.
 
-Hardware / time: 2-core CPU, no accelerator: 355 s of CPU time for the 600 steps of batch 32
-(about twice the classification demo's; 34 min wall on cores shared with other jobs, load
-15-22, so expect ~4-5 min alone).
-Expected: held-out mIoU 58.03% over 256 held-out canvases (pixel accuracy 95.95%; 52.67% at
+Hardware / time: 2-core CPU, no accelerator: 235 s of CPU time for the 600 steps of batch 32
+(3 min 48 s wall beside another job).
+Expected: held-out mIoU 58.20% over 256 held-out canvases (pixel accuracy 95.95%; 52.66% at
 step 300), deterministic on CPU for a given code version.
 """
 import ml_collections
