@@ -28,7 +28,7 @@ FORMAT = 'bhvit-deploy-v1'
 # The package that runs each runtime's artifacts, and those that write them (the sidecar
 # records the exporters' versions).
 RUNTIME_PACKAGES = {'iree': 'iree-base-runtime', 'onnx': 'onnxruntime'}
-EXPORTERS = {'iree': ('iree-base-compiler',), 'onnx': ('jax2onnx', 'onnx')}
+EXPORTERS = {'iree': ('iree-base-compiler',), 'onnx': ('onnx',)}
 # Images per call of an artifact with a dynamic batch (bounds the activations' memory).
 DYNAMIC_CHUNK = 32
 # The machine names (platform.machine()) each target's code runs on; 'host' means the exporter's.

@@ -1,11 +1,9 @@
 """tools/export_deploy.py's IREE module and ONNX model against the JAX packed inference, and
 bhvit_jax.predict in-process and in a virtual environment that has no JAX.
 
-The IREE exporter and both runtimes are in the `test` extra: without them these tests fail.
-The ONNX exporter (jax2onnx) is in the `deploy` extra only (see setup.cfg): without it the
-ONNX cases are skipped with that reason, which `make test` prints."""
+The exporters (IREE's compiler, onnx) and both runtimes are in the `test` extra: without them
+these tests fail."""
 import importlib.metadata
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,14 +29,6 @@ import programs
 REPO = programs.REPO
 NUM_IMAGES = 3  # with the IREE module's batch of 2: one full and one padded call
 FORMATS = ('iree', 'onnx')
-ONNX_EXPORT = importlib.util.find_spec('jax2onnx') is not None
-
-
-def _exported_as(exported, fmt) -> str:
-  if fmt not in exported['artifact']:
-    pytest.skip('the ONNX export needs jax2onnx (the deploy extra), which the test extra '
-                'leaves out')
-  return exported['artifact'][fmt]
 
 
 export_deploy = programs.load_tool('export_deploy')
@@ -56,12 +46,9 @@ def exported(tmp_path_factory):
   variables = test_tools._random_variables(model)  # pylint: disable=protected-access
   checkpoint = root / 'vars.msgpack'
   convert.save_flax_file(variables, checkpoint)
-  artifact = {'iree': str(root / 'tiny.vmfb')}
+  artifact = {'iree': str(root / 'tiny.vmfb'), 'onnx': str(root / 'tiny.onnx')}
   export_deploy.export(str(config_path), str(checkpoint), 'iree', 'host', 2, artifact['iree'])
-  if ONNX_EXPORT:
-    artifact['onnx'] = str(root / 'tiny.onnx')
-    export_deploy.export(str(config_path), str(checkpoint), 'onnx', 'host', None,
-                         artifact['onnx'])
+  export_deploy.export(str(config_path), str(checkpoint), 'onnx', 'host', None, artifact['onnx'])
   source = data_lib.make_source(config, config.data.eval_split)
   images = []
   for i in range(NUM_IMAGES):
@@ -78,7 +65,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_artifact_logits_equal_the_jax_packed_model(exported, fmt):
   """Digit files through the runtime's preprocessing vs the eval pipeline's batch in JAX."""
-  model = deploy_runtime.Model(_exported_as(exported, fmt), threads=1)
+  model = deploy_runtime.Model(exported['artifact'][fmt], threads=1)
   images = np.stack([model.preprocess(deploy_runtime.load_image(p))
                      for p in exported['images']])
   logits = model.predict_logits(images)
@@ -94,7 +81,7 @@ def test_artifact_logits_equal_the_jax_packed_model(exported, fmt):
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_predict_prints_and_writes_the_top_classes(exported, capsys, fmt):
   out = exported['root'] / f'pred_{fmt}.jsonl'
-  predict.main(['--artifact', _exported_as(exported, fmt), '--images', *exported['images'],
+  predict.main(['--artifact', exported['artifact'][fmt], '--images', *exported['images'],
                 '--top', '3', '--out', str(out)])
   records = [json.loads(line) for line in out.read_text().splitlines()]
   model = deploy_runtime.Model(exported['artifact'][fmt])
@@ -130,14 +117,12 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   pathlib.Path(str(other) + '.json').write_text(json.dumps({**meta, 'format': 'bhvit-deploy-v0'}))
   _fails(capsys, predict.main, ['--artifact', str(other), '--images', exported['images'][0]],
          "another version of bhvit_jax (format 'bhvit-deploy-v0'")
-  if 'onnx' in exported['artifact']:  # a damaged ONNX model
-    damaged = tmp_path / 'damaged.onnx'
-    damaged.write_bytes(pathlib.Path(exported['artifact']['onnx']).read_bytes()[:1000])
-    pathlib.Path(str(damaged) + '.json').write_text(
-        pathlib.Path(exported['artifact']['onnx'] + '.json').read_text())
-    _fails(capsys, predict.main,
-           ['--artifact', str(damaged), '--images', exported['images'][0]],
-           'damaged.onnx is not a loadable ONNX model')
+  damaged = tmp_path / 'damaged.onnx'  # a damaged ONNX model
+  damaged.write_bytes(pathlib.Path(exported['artifact']['onnx']).read_bytes()[:1000])
+  pathlib.Path(str(damaged) + '.json').write_text(
+      pathlib.Path(exported['artifact']['onnx'] + '.json').read_text())
+  _fails(capsys, predict.main, ['--artifact', str(damaged), '--images', exported['images'][0]],
+         'damaged.onnx is not a loadable ONNX model')
   # Export: an unknown target and a checkpoint of another configuration, nothing written.
   checkpoint = exported['root'] / 'vars.msgpack'
   config = exported['root'] / 'tiny.py'

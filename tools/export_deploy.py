@@ -28,7 +28,6 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
-import logging
 import os
 
 import jax
@@ -98,27 +97,16 @@ def compile_iree(model, arrays, batch: int, target: str) -> bytes:
 
 def convert_onnx(model, arrays, batch) -> bytes:
   """ONNX model of the packed eval logits with float ±1 products; `batch` None: dynamic."""
-  jax2onnx = _import_extra('jax2onnx', 'onnx')
-  # Its plugin registry logs a traceback for every optional example it cannot import.
-  logging.getLogger('jax2onnx').setLevel(logging.ERROR)
-  onnx = _import_extra('onnx', 'onnx')
+  _import_extra('onnx', 'onnx')
+  from bhvit_jax import onnx_export  # pylint: disable=g-import-not-at-top  (needs onnx)
   size = model.image_size
-  # The weights enter as inputs and become the model's initializers afterwards: as closure
-  # constants jax2onnx folds the unpacking and stores one byte per binary weight.
+  # The weights are arguments, not closure constants, so the graph unpacks the uint32 words
+  # instead of storing the traced ±1 signs.
   leaves, treedef = jax.tree.flatten(arrays)
-  names = [f'weights_{i}' for i in range(len(leaves))]
   apply = lambda images, *w: packed.apply(model, jax.tree.unflatten(treedef, w), images, 'float')
-  proto = jax2onnx.to_onnx(apply, [(batch or 'batch', size, size, 3)] +
-                           [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in leaves],
-                           model_name='bhvit', input_names=['images', *names],
-                           output_names=['logits'])
-  graph = proto.graph
-  graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(w), name)
-                           for name, w in zip(names, leaves))
-  images = [i for i in graph.input if i.name == 'images']
-  del graph.input[:]
-  graph.input.extend(images)
-  del graph.value_info[:]  # optional shape annotations: a third of a small model's file
+  proto = onnx_export.to_onnx(apply, [((None, size, size, 3), np.float32)], leaves,
+                              input_names=['images'], output_names=['logits'], batch=batch,
+                              model_name='bhvit')
   return proto.SerializeToString()
 
 
