@@ -55,6 +55,7 @@ class Graph:
 
   def __init__(self):
     self.nodes, self.initializers, self._count = [], [], 0
+    self._consts, self._dims = {}, {}  # small constants and batch-dependent dims, shared
     self.batch = None  # int64 [1]: the batch minus 2, set by `to_onnx` when it is dynamic
 
   def fresh(self, hint='t'):
@@ -63,9 +64,22 @@ class Graph:
 
   def const(self, value, dtype=None):
     array = np.asarray(value, dtype)
-    name = self.fresh('c')
-    self.initializers.append(numpy_helper.from_array(array, name))
-    return name
+    key = (array.dtype.str, array.shape, array.tobytes()) if array.size <= 64 else None
+    if key not in self._consts:
+      name = self.fresh('c')
+      self.initializers.append(numpy_helper.from_array(array, name))
+      if key is None:
+        return name
+      self._consts[key] = name
+    return self._consts[key]
+
+  def dim(self, size, slope):
+    """int64 `[1]`: size + slope·(batch − 2)."""
+    if (size, slope) not in self._dims:
+      self._dims[size, slope] = self.op('Add', [
+          self.op('Mul', [self.batch, self.const([slope], np.int64)]),
+          self.const([size], np.int64)])
+    return self._dims[size, slope]
 
   def prune(self, outputs):
     """Drops the nodes and initializers that no output depends on (unused weights, the
@@ -89,10 +103,11 @@ class Graph:
     if fixed is not None or not any(slope):
       return self.const([fixed if s and fixed is not None else d
                          for d, s in zip(shape, slope)], np.int64)
-    parts = [self.op('Add', [self.op('Mul', [self.batch, self.const([s], np.int64)]),
-                             self.const([d], np.int64)]) if s else self.const([d], np.int64)
-             for d, s in zip(shape, slope)]
-    return self.op('Concat', parts, axis=0)
+    key = (shape, slope)
+    if key not in self._dims:
+      self._dims[key] = self.op('Concat', [self.dim(d, s) if s else self.const([d], np.int64)
+                                           for d, s in zip(shape, slope)], axis=0)
+    return self._dims[key]
 
 
 def _unsupported(what):
@@ -316,7 +331,7 @@ def _iota(g, eqn, ins, outs):
   index[dim] = shape[dim]
   values = np.broadcast_to(np.arange(shape[dim], dtype=out.dtype).reshape(index), shape)
   name = g.const(np.ascontiguousarray(values))
-  return [g.op('Expand', [name, g.dims(shape, out.slope)])] if out.dynamic else [name]
+  return [g.op('Expand', [name, g.dims(tuple(shape), out.slope)])] if out.dynamic else [name]
 
 
 def _conv(g, eqn, ins, outs):
