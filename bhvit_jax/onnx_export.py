@@ -351,9 +351,21 @@ def _conv(g, eqn, ins, outs):
 
 
 def _dot_general(g, eqn, ins, outs):
-  """An Einsum: batch dims, then the lhs's free dims, then the rhs's (dot_general's order)."""
+  """A MatMul where dot_general is one (leading batch dims, the lhs's last dim contracted
+  with the rhs's first non-batch dim, or with its last: a transposed rhs), else an Einsum;
+  both give batch dims, then the lhs's free dims, then the rhs's (dot_general's order)."""
   (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
   lhs, rhs = ins
+  names = [v.name for v in ins]
+  if lhs.dtype != outs[0].dtype:
+    names = [g.op('Cast', [n], to=helper.np_dtype_to_tensor_dtype(outs[0].dtype))
+             for n in names]
+  nb, rank = len(lb), len(rhs.shape)
+  if (lb == rb == tuple(range(nb)) and lc == (len(lhs.shape) - 1,) and rank == nb + 2 and
+      (nb == 0 or len(lhs.shape) == rank) and rc[0] in (nb, nb + 1)):
+    if rc[0] == nb + 1:
+      names[1] = g.op('Transpose', [names[1]], perm=list(range(nb)) + [nb + 1, nb])
+    return [g.op('MatMul', names)]
   letters = iter(string.ascii_letters)
   left = [next(letters) for _ in lhs.shape]
   right = [next(letters) for _ in rhs.shape]
@@ -361,10 +373,6 @@ def _dot_general(g, eqn, ins, outs):
     right[j] = left[i]
   out = ([left[i] for i in lb] + [left[i] for i in range(len(left)) if i not in lc + lb] +
          [right[j] for j in range(len(right)) if j not in rc + rb])
-  names = [v.name for v in ins]
-  if lhs.dtype != outs[0].dtype:
-    names = [g.op('Cast', [n], to=helper.np_dtype_to_tensor_dtype(outs[0].dtype))
-             for n in names]
   return [g.op('Einsum', names, equation=f'{"".join(left)},{"".join(right)}->{"".join(out)}')]
 
 

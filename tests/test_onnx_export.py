@@ -29,6 +29,12 @@ def _batched_dot(x, w):
   return jax.lax.dot_general(x, w, (((3,), (1,)), ((1,), (0,))), precision='highest')
 
 
+def _attention(x):
+  """softmax(x·xᵀ)·x over leading batch dims: MatMuls, one with a transposed operand."""
+  scores = jnp.einsum('nhqd,nhkd->nhqk', x, x, precision='highest')
+  return jnp.einsum('nhqk,nhkd->nhqd', jax.nn.softmax(scores), x, precision='highest')
+
+
 def _reshapes(x):
   """Reshapes, broadcasts and slices over the batch, an iota beside it."""
   y = x.reshape(x.shape[0] * 2, -1) * 2
@@ -54,6 +60,7 @@ def _indexing(x):
 CASES = {'conv': (_conv, (None, 9, 8, 4), [WEIGHT]),
          'dot_general': (_batched_dot, (None, 3, 5, 4), [RNG.normal(size=(3, 4, 7))
                                                          .astype(np.float32)]),
+         'attention': (_attention, (None, 2, 5, 4), []),
          'reshapes': (_reshapes, (None, 6, 4), []),
          'unpack_bits': (_unpacked_signs, (None, 40), [WORDS]),
          'indexing': (_indexing, (None, 3, 5), [])}

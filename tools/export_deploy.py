@@ -15,10 +15,11 @@ features), 'x86_64' or 'aarch64' (generic CPUs of that architecture; cross-compi
 module's batch is fixed (--batch, default 1; the runtime pads a last partial batch): IREE 3.13
 cannot legalize the `stablehlo.dynamic_reshape` that a symbolic batch lowers to.
 
---format onnx: the same packed network converted by jax2onnx, with the binary layers' signs
-as ±1/0 float32 operands (ONNX has no popcount) unpacked in the graph from the same uint32
-words, so the file keeps the bit-packed weights; any ONNX runtime runs it on any CPU. Its
-batch is dynamic unless --batch is given. Beside the artifact, a JSON
+--format onnx: the same packed network lowered by bhvit_jax.onnx_export (the project's own
+jaxpr -> ONNX converter, opset 18), with the binary layers' signs as ±1/0 float32 operands
+(ONNX has no popcount) unpacked in the graph from the same uint32 words, so the file keeps
+the bit-packed weights; any ONNX runtime runs it on any CPU. Its batch is dynamic unless
+--batch is given. Beside the artifact, a JSON
 sidecar `<out>.json` holds the preprocessing, class names, the checkpoint's sha256 and the
 producing versions (bhvit_jax.deploy_runtime). Both files are written under temporary names
 and renamed, so a failed export leaves nothing.
