@@ -116,13 +116,16 @@ def _load_onnx(artifact: str, threads):
   from onnxruntime.capi import onnxruntime_pybind11_state as errors
   # pylint: enable=g-import-not-at-top
   options = onnxruntime.SessionOptions()
-  options.log_severity_level = 3  # errors only, not the optimizer's notes on unused constants
+  options.log_severity_level = 3  # errors only
   if threads is not None:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
   try:
+    # ConvMulFusion folds a binary conv's per-output scale into its ±1 weights, so the sums
+    # are no longer exact integers and a sign downstream can flip (5% of the logits at 224²).
     session = onnxruntime.InferenceSession(artifact, options,
-                                           providers=['CPUExecutionProvider'])
+                                           providers=['CPUExecutionProvider'],
+                                           disabled_optimizers=['ConvMulFusion'])
   except (errors.InvalidProtobuf, errors.InvalidGraph, errors.Fail) as e:
     raise DeployError(f'{artifact} is not a loadable ONNX model: {_first_line(e)}') from None
   return lambda images: session.run(['logits'], {'images': images})[0]

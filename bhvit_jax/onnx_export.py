@@ -35,15 +35,19 @@ from bhvit_jax import config_lib
 OPSET = 18  # ReduceMax/ReduceMin take their axes as an input from 18 on
 IR_VERSION = 8  # the oldest IR of opset 18: the widest range of runtimes loads it
 BATCH = 'batch'
+FOLD_SIZE = 64  # the most elements of results the conversion computes itself
 
 
 @dataclasses.dataclass(frozen=True)
 class Value:
-  """A tensor of the graph: its name, dtype and shape at batch 2 with each dim's batch slope."""
+  """A tensor of the graph: its name, dtype and shape at batch 2 with each dim's batch slope;
+  `value`: its numpy value where the conversion knows it (literals, the jaxpr's constants
+  and what is folded from them)."""
   name: str
   dtype: np.dtype
   shape: tuple
   slope: tuple
+  value: np.ndarray = dataclasses.field(default=None, compare=False)
 
   @property
   def dynamic(self):
@@ -56,7 +60,7 @@ class Graph:
   def __init__(self):
     self.nodes, self.initializers, self._count = [], [], 0
     self._consts, self._dims = {}, {}  # small constants and batch-dependent dims, shared
-    self.batch = None  # int64 [1]: the batch minus 2, set by `to_onnx` when it is dynamic
+    self.batch = None  # int64 [1]: the batch size, set by `to_onnx` when it is dynamic
 
   def fresh(self, hint='t'):
     self._count += 1
@@ -73,14 +77,6 @@ class Graph:
       self._consts[key] = name
     return self._consts[key]
 
-  def dim(self, size, slope):
-    """int64 `[1]`: size + slope·(batch − 2)."""
-    if (size, slope) not in self._dims:
-      self._dims[size, slope] = self.op('Add', [
-          self.op('Mul', [self.batch, self.const([slope], np.int64)]),
-          self.const([size], np.int64)])
-    return self._dims[size, slope]
-
   def prune(self, outputs):
     """Drops the nodes and initializers that no output depends on (unused weights, the
     results a traced function discards)."""
@@ -96,6 +92,16 @@ class Graph:
     outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
     self.nodes.append(helper.make_node(op_type, list(inputs), outputs, **attrs))
     return outputs[0] if n_out == 1 else outputs
+
+  def dim(self, size, slope):
+    """int64 `[1]`: size + slope·(batch − 2) (sizes are those at batch 2)."""
+    if (size, slope) not in self._dims:
+      name = self.batch if slope == 1 else self.op('Mul', [self.batch,
+                                                           self.const([slope], np.int64)])
+      offset = size - 2 * slope
+      self._dims[size, slope] = (self.op('Add', [name, self.const([offset], np.int64)])
+                                 if offset else name)
+    return self._dims[size, slope]
 
   def dims(self, shape, slope, fixed=None):
     """int64 `[len(shape)]` tensor of an affine shape; `fixed`: a value for its dynamic dims
@@ -290,6 +296,15 @@ def _stack(g, eqn, ins, outs):
                axis=eqn.params['axis'])]
 
 
+def _split(g, eqn, ins, outs):
+  sizes = [_affine(n) for n in eqn.params['sizes']]
+  if any(slope for _, slope in sizes):
+    _unsupported('split of the batch dimension')
+  names = g.op('Split', [ins[0].name, g.const([n for n, _ in sizes], np.int64)],
+                n_out=len(outs), axis=eqn.params['axis'])
+  return [names] if len(outs) == 1 else names
+
+
 def _slice(g, eqn, ins, outs):
   """A Slice; over a batch dimension all of it or bounds that do not depend on the batch."""
   del outs
@@ -378,23 +393,38 @@ def _dot_general(g, eqn, ins, outs):
 
 def _window(g, x, starts, sizes):
   """`x[starts : starts + sizes]` with each start clamped into range, as `dynamic_slice`
-  does; `starts`: an int64 `[1]` tensor per axis, `sizes`: affine dims."""
+  does; `starts`: per axis an int, or an int64 `[1]` tensor if only the graph knows it;
+  `sizes`: affine dims. Known starts give a plain Slice."""
+  whole = [(i, size, slope) == (0, d, s)
+           for i, (size, slope), d, s in zip(starts, sizes, x.shape, x.slope)]
+  inside = [isinstance(i, int) and not slope and 0 <= i <= d - s - size  # d - s: at batch 1
+            for i, (size, slope), d, s in zip(starts, sizes, x.shape, x.slope)]
+  if all(w or i for w, i in zip(whole, inside)):
+    axes = [a for a, w in enumerate(whole) if not w]
+    if not axes:
+      return x.name
+    bounds = [[starts[a] for a in axes], [starts[a] + sizes[a][0] for a in axes], axes]
+    return g.op('Slice', [x.name] + [g.const(b, np.int64) for b in bounds])
   size = g.dims(*zip(*sizes))
-  start = g.op('Concat', starts, axis=0)
+  start = g.op('Concat', [g.const([i], np.int64) if isinstance(i, int) else i
+                          for i in starts], axis=0)
   start = g.op('Max', [g.op('Min', [start, g.op('Sub', [g.dims(x.shape, x.slope), size])]),
                        g.const([0] * len(sizes), np.int64)])
   return g.op('Slice', [x.name, start, g.op('Add', [start, size])])
 
 
 def _index(g, scalar):
-  return g.op('Cast', [g.op('Reshape', [scalar, g.const([1], np.int64)])],
+  """An index Value as an int, or as an int64 `[1]` tensor if only the graph knows it."""
+  if scalar.value is not None:
+    return int(scalar.value)
+  return g.op('Cast', [g.op('Reshape', [scalar.name, g.const([1], np.int64)])],
               to=onnx.TensorProto.INT64)
 
 
 def _dynamic_slice(g, eqn, ins, outs):
   del outs
   x, *starts = ins
-  return [_window(g, x, [_index(g, v.name) for v in starts],
+  return [_window(g, x, [_index(g, v) for v in starts],
                   [_affine(d) for d in eqn.params['slice_sizes']])]
 
 
@@ -434,11 +464,15 @@ def _gather(g, eqn, ins, outs):
     return [g.op('GatherElements', [x.name, index], axis=axis)]
   if (len(indices.shape) == 1 and not d.operand_batching_dims and
       d.offset_dims == tuple(range(len(out.shape)))):
-    vector = g.op('Cast', [indices.name], to=onnx.TensorProto.INT64)
     position = {axis: j for j, axis in enumerate(d.start_index_map)}
-    starts = [g.op('Slice', [vector, g.const([position[i]], np.int64),
-                             g.const([position[i] + 1], np.int64)])
-              if i in position else g.const([0], np.int64) for i in range(len(x.shape))]
+    if indices.value is not None:
+      starts = [int(indices.value[position[i]]) if i in position else 0
+                for i in range(len(x.shape))]
+    else:
+      vector = g.op('Cast', [indices.name], to=onnx.TensorProto.INT64)
+      starts = [g.op('Slice', [vector, g.const([position[i]], np.int64),
+                               g.const([position[i] + 1], np.int64)])
+                if i in position else 0 for i in range(len(x.shape))]
     window = _window(g, x, starts, sizes)
     if not d.collapsed_slice_dims:
       return [window]
@@ -468,7 +502,8 @@ EMITTERS = {
     'reduce_and': _reduce_logical('ReduceMin'), 'reduce_or': _reduce_logical('ReduceMax'),
     'argmax': _arg('ArgMax'), 'argmin': _arg('ArgMin'),
     'reshape': _reshape, 'broadcast_in_dim': _broadcast_in_dim, 'squeeze': _squeeze,
-    'transpose': _transpose, 'concatenate': _concatenate, 'stack': _stack, 'slice': _slice,
+    'transpose': _transpose, 'concatenate': _concatenate, 'stack': _stack, 'split': _split,
+    'slice': _slice,
     'pad': _pad, 'iota': _iota, 'conv_general_dilated': _conv, 'dot_general': _dot_general,
     'gather': _gather, 'dynamic_slice': _dynamic_slice,
 }
@@ -517,7 +552,7 @@ class _Lowering:
 
   def const(self, value, dtype=None):
     value = np.asarray(value, dtype)
-    return Value(self.g.const(value), value.dtype, value.shape, (0,) * value.ndim)
+    return Value(self.g.const(value), value.dtype, value.shape, (0,) * value.ndim, value)
 
   def run(self, jaxpr, consts, args):
     """The Values of `jaxpr`'s outputs with its invars bound to `args` (Values)."""
@@ -525,24 +560,37 @@ class _Lowering:
     env.update((var, self.const(c)) for var, c in zip(jaxpr.constvars, consts))
     read = lambda v: self.const(v.val, v.aval.dtype) if isinstance(v, jex.Literal) else env[v]
     for eqn in jaxpr.eqns:
-      outs = [_value('', v.aval) for v in eqn.outvars]
-      names = self.equation(eqn, [read(v) for v in eqn.invars], outs)
-      for var, name, out in zip(eqn.outvars, names, outs):
-        if not isinstance(var, jex.DropVar):
-          env[var] = dataclasses.replace(out, name=name)
+      outs = self.equation(eqn, [read(v) for v in eqn.invars],
+                           [_value('', v.aval) for v in eqn.outvars])
+      env.update((var, out) for var, out in zip(eqn.outvars, outs)
+                 if not isinstance(var, jex.DropVar))
     return [read(v) for v in jaxpr.outvars]
 
   def equation(self, eqn, ins, outs):
     name = eqn.primitive.name
     if name in CALLS:
-      return [v.name for v in self.run(*_open(eqn.params[CALLS[name]]), ins)]
+      return self.run(*_open(eqn.params[CALLS[name]]), ins)
     if name == 'cond':  # every branch, then select_n on the index
       branches = [self.run(*_open(b), ins[1:]) for b in eqn.params['branches']]
-      return [_select_n(self.g, eqn, [ins[0], *cases], [out])[0]
-              for cases, out in zip(zip(*branches), outs)]
-    if name not in EMITTERS:
+      names = [_select_n(self.g, eqn, [ins[0], *cases], [out])[0]
+               for cases, out in zip(zip(*branches), outs)]
+    elif self.foldable(eqn, ins, outs):
+      results = eqn.primitive.bind(*[v.value for v in ins], **eqn.params)
+      return [self.const(r) for r in (results if eqn.primitive.multiple_results
+                                      else [results])]
+    elif name in EMITTERS:
+      names = EMITTERS[name](self.g, eqn, ins, outs)
+    else:
       _unsupported(name)
-    return EMITTERS[name](self.g, eqn, ins, outs)
+    return [dataclasses.replace(out, name=n) for out, n in zip(outs, names)]
+
+  @staticmethod
+  def foldable(eqn, ins, outs):
+    """Whether to compute an equation now: small results of known inputs (index arithmetic;
+    a dim_as_value is known only in the graph)."""
+    return (eqn.primitive.name in EMITTERS and eqn.primitive.name != 'dim_as_value' and
+            all(v.value is not None for v in ins) and not any(o.dynamic for o in outs) and
+            sum(int(np.prod(o.shape)) for o in outs) <= FOLD_SIZE)
 
 
 def to_onnx(fn, inputs, constants=(), *, input_names, output_names, batch=None,
@@ -567,8 +615,7 @@ def to_onnx(fn, inputs, constants=(), *, input_names, output_names, batch=None,
   for arg in args:
     if arg.dynamic and graph.batch is None:
       axis = arg.dynamic[0]
-      size = graph.op('Shape', [arg.name], start=axis, end=axis + 1)
-      graph.batch = graph.op('Sub', [size, graph.const([arg.shape[axis]], np.int64)])
+      graph.batch = graph.op('Shape', [arg.name], start=axis, end=axis + 1)
   for name, array in zip([f'constant_{i}' for i in range(len(constants))], constants):
     graph.initializers.append(numpy_helper.from_array(array, name))
     args.append(Value(name, array.dtype, array.shape, (0,) * array.ndim))
