@@ -7,18 +7,23 @@ table `EMITTERS` (primitive name -> emitter). Calls (`jit`, `custom_jvp_call`,
 (jaxprs have no side effects). `constants` become the model's initializers, so whatever the
 function derives from them (e.g. ±1 signs unpacked from uint32 words) is computed in the
 graph, which keeps the file at the constants' size; onnxruntime folds such subgraphs once when
-a session loads.
+a session loads. Small results of values the conversion knows (literals, iotas and the index
+arithmetic on them) are computed here and stored instead.
 
-Dynamic batch: an input dimension given as None is the batch. The function is traced twice,
-with batch 2 and 3; both jaxprs must have the same equations, and every dimension that
-differs between them is taken as affine in the batch (size₂ + slope·(batch − 2)). Emitters
-read their output shapes from these affine dimensions, so a reshape or broadcast over the
-batch gets its target shape computed in the graph (a -1 where one dimension suffices).
-Layouts: JAX's NHWC convolutions become ONNX's NCHW `Conv` between two transposes; every
-`dot_general` becomes an `Einsum`.
+Dynamic batch: an input dimension given as None is the batch. The function is traced with a
+symbolic batch (`jax.export.symbolic_shape`), so sizes that depend on it stay expressions;
+each must be affine in the batch (size at batch 2 + slope·(batch − 2)). Emitters read their
+output shapes from these affine dimensions: a reshape or broadcast over the batch gets its
+target shape computed in the graph from the input's `Shape` (a -1 where one dimension
+suffices), and `dim_as_value` (e.g. a mean's count) becomes the same arithmetic.
+Layouts: JAX's NHWC convolutions become ONNX's NCHW `Conv` between two transposes;
+dot_generals become `MatMul` where they are one, else `Einsum`.
 
-An unsupported primitive, or a form of one that ONNX cannot express here, raises
-`config_lib.UserError` naming it.
+Exactness: every emitted operator computes what the primitive computes, up to float rounding.
+Runtimes' graph rewrites may change that rounding (onnxruntime's ConvMulFusion, which
+`bhvit_jax.deploy_runtime` turns off). Gathers are those of array indexing, with indices in
+range (ONNX has no fill mode). An unsupported primitive, or a form of one that ONNX cannot
+express here, raises `config_lib.UserError` naming it.
 """
 import dataclasses
 import string

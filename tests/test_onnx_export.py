@@ -36,10 +36,12 @@ def _attention(x):
 
 
 def _reshapes(x):
-  """Reshapes, broadcasts and slices over the batch, an iota beside it."""
+  """Reshapes, broadcasts, splits and slices over the batch, an iota beside it."""
   y = x.reshape(x.shape[0] * 2, -1) * 2
   total = jnp.broadcast_to(y.sum(0), (x.shape[0], y.shape[1]))
-  return total + jnp.arange(y.shape[1]) + y.reshape(x.shape[0], 2, -1)[:, 0] + x[:, 0, 1:2]
+  left, right = jnp.split(x[:, 0], [1], axis=1)
+  return (total + jnp.arange(y.shape[1]) + y.reshape(x.shape[0], 2, -1)[:, 0] + x[:, 0, 1:2] +
+          jnp.concatenate([right, left], 1).repeat(3, 1))
 
 
 def _unpacked_signs(x, words):
