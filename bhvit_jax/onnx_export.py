@@ -121,6 +121,22 @@ class Graph:
     return self._dims[key]
 
 
+def _affine(dim):
+  """(size at batch 2, growth per image) of a dimension: an int, or a DimExpr of the batch."""
+  if isinstance(dim, (int, np.integer)):
+    return int(dim), 0
+  # jax has no public evaluator of a symbolic dimension.
+  size = [int(dim._evaluate({BATCH: b})) for b in (2, 3, 4)]  # pylint: disable=protected-access
+  if size[2] - size[1] != size[1] - size[0]:
+    raise config_lib.UserError(f'the ONNX export needs dimensions affine in the batch, not {dim}')
+  return size[0], size[1] - size[0]
+
+
+def _value(name, aval):
+  shape, slope = zip(*map(_affine, aval.shape)) if aval.shape else ((), ())
+  return Value(name, np.dtype(aval.dtype), tuple(shape), tuple(slope))
+
+
 def _unsupported(what):
   raise config_lib.UserError(f'the ONNX export does not support the JAX primitive {what}')
 
@@ -485,6 +501,13 @@ def _gather(g, eqn, ins, outs):
   return _unsupported(f'gather other than take_along_axis or one window ({d})')
 
 
+def _dim_as_value(g, eqn, ins, outs):
+  del ins
+  size = g.dims(*zip(_affine(eqn.params['dim'])))
+  return [g.op('Cast', [g.op('Squeeze', [size])],
+               to=helper.np_dtype_to_tensor_dtype(outs[0].dtype))]
+
+
 EMITTERS = {
     'add': _elementwise('Add'), 'sub': _elementwise('Sub'), 'mul': _elementwise('Mul'),
     'div': _elementwise('Div'), 'max': _elementwise('Max'), 'min': _elementwise('Min'),
@@ -510,38 +533,12 @@ EMITTERS = {
     'transpose': _transpose, 'concatenate': _concatenate, 'stack': _stack, 'split': _split,
     'slice': _slice,
     'pad': _pad, 'iota': _iota, 'conv_general_dilated': _conv, 'dot_general': _dot_general,
-    'gather': _gather, 'dynamic_slice': _dynamic_slice,
+    'gather': _gather, 'dynamic_slice': _dynamic_slice, 'dim_as_value': _dim_as_value,
 }
 # Calls whose body is inlined: the parameter holding it.
 CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_call': 'call_jaxpr',
          'custom_jvp_call': 'call_jaxpr', 'custom_vjp_call': 'call_jaxpr',
          'checkpoint': 'jaxpr', 'remat': 'jaxpr'}
-
-
-def _affine(dim):
-  """(size at batch 2, growth per image) of a dimension: an int, or a DimExpr of the batch."""
-  if isinstance(dim, (int, np.integer)):
-    return int(dim), 0
-  # jax has no public evaluator of a symbolic dimension.
-  size = [int(dim._evaluate({BATCH: b})) for b in (2, 3, 4)]  # pylint: disable=protected-access
-  if size[2] - size[1] != size[1] - size[0]:
-    raise config_lib.UserError(f'the ONNX export needs dimensions affine in the batch, not {dim}')
-  return size[0], size[1] - size[0]
-
-
-def _value(name, aval):
-  shape, slope = zip(*map(_affine, aval.shape)) if aval.shape else ((), ())
-  return Value(name, np.dtype(aval.dtype), tuple(shape), tuple(slope))
-
-
-def _dim_as_value(g, eqn, ins, outs):
-  del ins
-  size = g.dims(*zip(_affine(eqn.params['dim'])))
-  return [g.op('Cast', [g.op('Squeeze', [size])],
-               to=helper.np_dtype_to_tensor_dtype(outs[0].dtype))]
-
-
-EMITTERS['dim_as_value'] = _dim_as_value
 
 
 def _open(jaxpr):
@@ -629,8 +626,9 @@ def to_onnx(fn, inputs, constants=(), *, input_names, output_names, batch=None,
     graph.nodes.append(helper.make_node('Identity', [value.name], [name]))
   graph.prune(output_names)
 
-  def info(value, name):
-    dims = [BATCH if s else d for d, s in zip(value.shape, value.slope)]
+  def info(value, name):  # other sizes that depend on the batch stay unnamed
+    dims = [d if not s else BATCH if (d, s) == (2, 1) else None
+            for d, s in zip(value.shape, value.slope)]
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype),
                                          dims)
 
