@@ -370,6 +370,41 @@ def _iota(g, eqn, ins, outs):
   return [g.op('Expand', [name, g.dims(tuple(shape), out.slope)])] if out.dynamic else [name]
 
 
+def _reduce_window(kind):
+  """reduce_window_sum / _max / _min as one-channel pooling over the windowed dims, every
+  other dim (the batch included) folded into the pooling's batch: a sum is a convolution
+  with a kernel of ones."""
+  def emit(g, eqn, ins, outs):
+    p, x, out = eqn.params, ins[0], outs[0]
+    if any(d != 1 for d in p['base_dilation']):
+      _unsupported(f'reduce_window_{kind} with base dilation')
+    windowed = [i for i, w in enumerate(zip(p['window_dimensions'], p['window_strides'],
+                                            map(tuple, p['padding']), p['window_dilation']))
+                if w != (1, 1, (0, 0), 1)]
+    if not windowed:
+      return [x.name]
+    if any(x.slope[i] for i in windowed):
+      _unsupported(f'reduce_window_{kind} over the batch dimension')
+    perm = [i for i in range(len(x.shape)) if i not in windowed] + windowed
+    flat = g.op('Reshape', [g.op('Transpose', [x.name], perm=perm),
+                            g.const([-1, 1] + [x.shape[i] for i in windowed], np.int64)])
+    kernel = [p['window_dimensions'][i] for i in windowed]
+    attrs = dict(strides=[p['window_strides'][i] for i in windowed],
+                 pads=[p['padding'][i][0] for i in windowed] +
+                 [p['padding'][i][1] for i in windowed],
+                 dilations=[p['window_dilation'][i] for i in windowed])
+    if kind == 'sum':
+      y = g.op('Conv', [flat, g.const(np.ones([1, 1] + kernel, x.dtype))], **attrs)
+    else:
+      sign = (lambda n: n) if kind == 'max' else (lambda n: g.op('Neg', [n]))
+      y = sign(g.op('MaxPool', [sign(flat)], kernel_shape=kernel, **attrs))
+    shape, slope = (tuple(v[i] for i in perm) for v in (out.shape, out.slope))
+    fixed = -1 if sum(map(bool, slope)) == 1 else None
+    y = g.op('Reshape', [y, g.dims(shape, slope, fixed)])
+    return [g.op('Transpose', [y], perm=[int(i) for i in np.argsort(perm)])]
+  return emit
+
+
 def _conv(g, eqn, ins, outs):
   """conv_general_dilated as an NCHW Conv: operands and result transposed by the dimension
   numbers (each spec lists the dims as batch/out-feature, feature/in-feature, spatial...)."""
@@ -527,6 +562,8 @@ EMITTERS = {
     'stop_gradient': _identity, 'optimization_barrier': _identity,
     'reduce_sum': _reduce('ReduceSum'), 'reduce_max': _reduce('ReduceMax'),
     'reduce_min': _reduce('ReduceMin'), 'reduce_prod': _reduce('ReduceProd'),
+    'reduce_window_sum': _reduce_window('sum'), 'reduce_window_max': _reduce_window('max'),
+    'reduce_window_min': _reduce_window('min'),
     'reduce_and': _reduce_logical('ReduceMin'), 'reduce_or': _reduce_logical('ReduceMax'),
     'argmax': _arg('ArgMax'), 'argmin': _arg('ArgMin'),
     'reshape': _reshape, 'broadcast_in_dim': _broadcast_in_dim, 'squeeze': _squeeze,

@@ -1,5 +1,6 @@
 """bhvit_jax.onnx_export on small JAX functions: onnxruntime's results against JAX's, at
 batch sizes other than the traced ones (the symbolic batch) and with a fixed batch."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,14 @@ def _conv(x, w):
   return jax.lax.conv_general_dilated(
       x, w, (2, 1), [(1, 2), (2, 2)], rhs_dilation=(2, 2), feature_group_count=2,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest')
+
+
+def _pools(x):
+  """Window sum (avg_pool), max and min with strides and padding."""
+  low = jax.lax.reduce_window(x, np.inf, jax.lax.min, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+  high = jax.lax.reduce_window(x, -np.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return nn.avg_pool(x, (2, 2), strides=(2, 2)) + high - low
 
 
 def _batched_dot(x, w):
@@ -60,6 +69,7 @@ def _indexing(x):
 
 
 CASES = {'conv': (_conv, (None, 9, 8, 4), [WEIGHT]),
+         'pools': (_pools, (None, 4, 4, 3), []),
          'dot_general': (_batched_dot, (None, 3, 5, 4), [RNG.normal(size=(3, 4, 7))
                                                          .astype(np.float32)]),
          'attention': (_attention, (None, 2, 5, 4), []),
