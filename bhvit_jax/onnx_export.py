@@ -317,6 +317,11 @@ def _stack(g, eqn, ins, outs):
                axis=eqn.params['axis'])]
 
 
+def _tile(g, eqn, ins, outs):
+  del outs
+  return [g.op('Tile', [ins[0].name, g.const(eqn.params['reps'], np.int64)])]
+
+
 def _split(g, eqn, ins, outs):
   sizes = [_affine(n) for n in eqn.params['sizes']]
   if any(slope for _, slope in sizes):
@@ -568,9 +573,9 @@ EMITTERS = {
     'argmax': _arg('ArgMax'), 'argmin': _arg('ArgMin'),
     'reshape': _reshape, 'broadcast_in_dim': _broadcast_in_dim, 'squeeze': _squeeze,
     'transpose': _transpose, 'concatenate': _concatenate, 'stack': _stack, 'split': _split,
-    'slice': _slice,
-    'pad': _pad, 'iota': _iota, 'conv_general_dilated': _conv, 'dot_general': _dot_general,
-    'gather': _gather, 'dynamic_slice': _dynamic_slice, 'dim_as_value': _dim_as_value,
+    'tile': _tile, 'slice': _slice, 'pad': _pad, 'iota': _iota, 'conv_general_dilated': _conv,
+    'dot_general': _dot_general, 'gather': _gather, 'dynamic_slice': _dynamic_slice,
+    'dim_as_value': _dim_as_value,
 }
 # Calls whose body is inlined: the parameter holding it.
 CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_call': 'call_jaxpr',

@@ -50,7 +50,7 @@ def _reshapes(x):
   total = jnp.broadcast_to(y.sum(0), (x.shape[0], y.shape[1]))
   left, right = jnp.split(x[:, 0], [1], axis=1)
   return (total + jnp.arange(y.shape[1]) + y.reshape(x.shape[0], 2, -1)[:, 0] + x[:, 0, 1:2] +
-          jnp.concatenate([right, left], 1).repeat(3, 1))
+          jnp.tile(jnp.concatenate([right, left], 1), (1, 3)))
 
 
 def _unpacked_signs(x, words):
