@@ -207,9 +207,10 @@ def apply(model: model_lib.BHViT, packed, images, products: str = 'popcount',
   `products`: how binary layers multiply signs: 'popcount' (XNOR-popcount on uint32 words) or
   'float' (float32 ±1/0 operands unpacked from the same words, for runtimes without a
   popcount, e.g. ONNX). Both sum integers exactly (float32 holds sums below 2**24).
-  `popcounts` (with 'popcount'): returns (logits, {module path: int32 `[B, ..., O]`}), the
-  XNOR-popcount sums of every binary layer with 1-bit inputs, the integer part that another
-  compiler of this function must reproduce exactly.
+  `popcounts` (with 'popcount'): returns (logits, {module path: int32 `[N, ..., O]`}), the
+  XNOR-popcount sums of every binary layer with 1-bit inputs (N: the images, times the windows
+  in attention), the integer part that another compiler of this function must reproduce
+  exactly.
   """
   if products not in PRODUCTS:
     raise config_lib.UserError(f'unknown products {products!r}; expected one of {PRODUCTS}')

@@ -144,7 +144,8 @@ def test_iree_integer_parts_equal_the_jax_packed_model(exported):
 
 @pytest.mark.parametrize('exported', [False], indirect=True, ids=['gsb_off'])
 def test_one_iree_module_serves_every_batch(exported):
-  """Each call takes the smallest function that holds the remaining images; padding dropped."""
+  """Each call takes the smallest function that holds the remaining images (padding dropped);
+  the functions share one copy of the weights."""
   model = deploy_runtime.Model(exported['artifact']['iree'], threads=1)
   images = exported['batch']
   calls = []
@@ -159,6 +160,9 @@ def test_one_iree_module_serves_every_batch(exported):
     logits = model.predict_logits(images[:count])
     assert calls == sizes, count
     assert reference.rel_error(logits, exported['logits']['packed'][:count]) <= 1e-5, count
+  # The functions share the weight constants: a dense layer's sign words are stored once.
+  words = np.asarray(exported['arrays']['binary']['layerB_1/intermediate/dense']['sign'])
+  assert pathlib.Path(exported['artifact']['iree']).read_bytes().count(words.tobytes()) == 1
 
 
 @pytest.mark.parametrize('exported', [False], indirect=True, ids=['gsb_off'])

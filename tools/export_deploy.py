@@ -15,7 +15,9 @@ features), 'x86_64' or 'aarch64' (generic CPUs of that architecture; cross-compi
 3.13 cannot legalize the `stablehlo.dynamic_reshape` that a symbolic batch lowers to, so the
 module has one function `main_b<N>` per batch size of --batch (a comma list, default
 `1,16`), all sharing the weight constants (IREE stores identical constants once); the runtime
-calls the smallest one that takes the remaining images and pads that call.
+calls the smallest one that takes the remaining images and pads that call. `export(...,
+popcounts=True)` adds `popcounts_b<N>`, the int32 XNOR-popcount sums of every binary layer, to
+check a module's integer arithmetic exactly against JAX's (tests/test_deploy.py does).
 
 --format onnx: the same packed network converted by jax2onnx, with the binary layers' signs
 as ±1/0 float32 operands (ONNX has no popcount) unpacked in the graph from the same uint32
@@ -150,6 +152,14 @@ def _merge_modules(ir, exported: dict) -> str:
     return merged.operation.get_asm(enable_debug_info=False)
 
 
+def popcount_layers(model, arrays) -> list:
+  """The layers whose sums `popcounts_b<N>` returns, in its order (`jax.tree.leaves` of a
+  dict: sorted keys)."""
+  shape = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  return sorted(jax.eval_shape(lambda x: packed.apply(model, arrays, x, popcounts=True),
+                               shape)[1])
+
+
 def convert_onnx(model, arrays, batch) -> bytes:
   """ONNX model of the packed eval logits with float ±1 products; `batch` None: dynamic."""
   jax2onnx = _import_extra('jax2onnx', 'onnx')
@@ -207,7 +217,7 @@ WEIGHTS = {'iree': 'bit-packed uint32 constants (XNOR-popcount binary layers)',
            'onnx': 'bit-packed uint32 initializers, unpacked to ±1 float32 in the graph'}
 
 
-def sidecar(config, model, spec: str, fmt: str, target: str, batches, popcounts) -> dict:
+def sidecar(config, model, spec: str, fmt: str, target: str, batches, layers) -> dict:
   _, interpolation, resize_size = data_lib.transform_settings(config)
   mean, std = data_lib.normalization(config)
   versions = {'bhvit_jax': bhvit_jax.__version__, 'jax': jax.__version__}
@@ -220,7 +230,7 @@ def sidecar(config, model, spec: str, fmt: str, target: str, batches, popcounts)
           'weights': WEIGHTS[fmt],
           'checkpoint': os.path.basename(os.path.normpath(ckpt_lib.split_spec(spec)[0])),
           'checkpoint_sha256': sha256(ckpt_lib.split_spec(spec)[0]), 'versions': versions,
-          'popcount_layers': popcounts}
+          'popcount_layers': layers}
 
 
 def export(config, spec: str, fmt: str, target: str, batch, out: str,
@@ -240,6 +250,8 @@ def export(config, spec: str, fmt: str, target: str, batch, out: str,
   if fmt == 'onnx' and len(batches) > 1:
     raise config_lib.UserError(f'--format onnx takes one --batch size or none (dynamic), not '
                                f'{batch!r}')
+  if popcounts and fmt != 'iree':
+    raise config_lib.UserError(f'popcounts are exported by --format iree only, not {fmt!r}')
   if isinstance(config, str):
     config = config_lib.load_config_file(config)
   model, arrays = load_packed(config, spec)
@@ -247,10 +259,7 @@ def export(config, spec: str, fmt: str, target: str, batch, out: str,
   if fmt == 'iree':
     batches = batches or IREE_BATCHES
     module = compile_iree(model, arrays, batches, target, popcounts)
-    if popcounts:
-      shape = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-      layers = sorted(jax.eval_shape(lambda x: packed.apply(model, arrays, x, popcounts=True),
-                                     shape)[1])
+    layers = popcount_layers(model, arrays) if popcounts else None
   else:
     module = convert_onnx(model, arrays, batches[0] if batches else None)
   meta = sidecar(config, model, spec, fmt, target, batches, layers)
