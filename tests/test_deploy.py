@@ -50,9 +50,12 @@ def _exported_as(exported, fmt) -> str:
 
 
 export_deploy = programs.load_tool('export_deploy')
+# One xdist group per trained model, so the two expensive exports can run on both workers.
+GSB = {name: pytest.param(gsb, id=name, marks=pytest.mark.xdist_group(f'test_deploy:{name}'))
+       for name, gsb in (('gsb_off', False), ('gsb_on', True))}
 
 
-@pytest.fixture(scope='module', params=[False, True], ids=['gsb_off', 'gsb_on'])
+@pytest.fixture(scope='module', params=GSB.values())
 def exported(request, tmp_path_factory):
   """{'config' (file), 'model', 'arrays' (packed), 'checkpoint', 'artifact': {format: path},
   'images': [png paths], 'batch' and 'labels' (the eval pipeline's), 'root', 'logits': {'float',
@@ -142,7 +145,7 @@ def test_iree_integer_parts_equal_the_jax_packed_model(exported):
                                     name)
 
 
-@pytest.mark.parametrize('exported', [False], indirect=True, ids=['gsb_off'])
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 def test_one_iree_module_serves_every_batch(exported):
   """Each call takes the smallest function that holds the remaining images (padding dropped);
   the functions share one copy of the weights."""
@@ -165,7 +168,7 @@ def test_one_iree_module_serves_every_batch(exported):
   assert pathlib.Path(exported['artifact']['iree']).read_bytes().count(words.tobytes()) == 1
 
 
-@pytest.mark.parametrize('exported', [False], indirect=True, ids=['gsb_off'])
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_predict_prints_and_writes_the_top_classes(exported, capsys, fmt):
   out = exported['root'] / f'pred_{fmt}.jsonl'
@@ -190,7 +193,7 @@ def _fails(capsys, fn, argv, match, one_line=True):
   assert match in err.splitlines()[0] and (err.count('\n') == 1 or not one_line), err
 
 
-@pytest.mark.parametrize('exported', [False], indirect=True, ids=['gsb_off'])
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   broken = tmp_path / 'broken.png'
   broken.write_bytes(b'not an image')
@@ -234,7 +237,7 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   assert not [n for n in os.listdir(tmp_path) if n.startswith(('x.', '.x.'))]
 
 
-@pytest.mark.parametrize('exported', [False], indirect=True, ids=['gsb_off'])
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 def test_predict_runs_in_a_virtual_environment_without_jax(exported, tmp_path):
   """numpy + pillow + the two runtimes only (pip may use its cache)."""
   start = time.perf_counter()
