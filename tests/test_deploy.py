@@ -73,7 +73,9 @@ def exported(request, tmp_path_factory):
                        ','.join(map(str, IREE_BATCHES[gsb])), artifact['iree'], popcounts=True)
   if ONNX_EXPORT:
     artifact['onnx'] = str(root / 'tiny.onnx')
-    export_deploy.export(config, checkpoint, 'onnx', 'host', None, artifact['onnx'])
+    # Through the command line: its default is a dynamic batch.
+    assert export_deploy.main(['export_deploy', '--config', config_path, '--checkpoint',
+                               checkpoint, '--format', 'onnx', '--out', artifact['onnx']]) == 0
   source = data_lib.make_source(config, config.data.eval_split)
   images = []
   for i in range(NUM_IMAGES):
@@ -117,6 +119,7 @@ def test_artifact_logits_equal_the_jax_models(exported, fmt):
     assert logits.shape == want[name].shape
     assert reference.rel_error(logits, want[name]) <= 1e-5, name
     np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(want[name], -1), name)
+    assert _top1(logits, labels) == _top1(want[name], labels), name
   meta = deploy_runtime.read_sidecar(artifact)
   assert (meta['image_size'], meta['class_names']) == (32, list('0123456789'))
   assert (meta['runtime'], meta['batches']) == (
