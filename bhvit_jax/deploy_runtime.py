@@ -1,15 +1,17 @@
 """Runs a BHViT exported by tools/export_deploy.py with numpy, PIL and IREE's or ONNX runtime.
 
-An artifact is a compiled IREE module (`model.vmfb`, one entry `main`) or an ONNX model
-(`model.onnx`, input `images`, output `logits`), both float32 images `[batch, S, S, 3]`,
-normalised -> float32 logits `[batch, classes]`, and its JSON sidecar `model.vmfb.json`,
-whose keys are:
+An artifact is a compiled IREE module (`model.vmfb`, an entry `main_b<N>` for each batch size
+N) or an ONNX model (`model.onnx`, input `images`, output `logits`), both float32 images
+`[N, S, S, 3]`, normalised -> float32 logits `[N, classes]`, and its JSON sidecar
+`model.vmfb.json`, whose keys are:
 - `format` (`FORMAT`), `runtime` ('iree' or 'onnx'), `target` ('host', 'x86_64' or
-  'aarch64'; 'any' for ONNX), `batch` (null: dynamic);
+  'aarch64'; 'any' for ONNX), `batches` (the sizes N in increasing order; null: dynamic);
 - `image_size`, `resize_size`, `interpolation`, `mean`, `std`: the evaluation preprocessing
   (`bhvit_jax.transforms`), so the artifact sees the pixels tools/evaluate.py feeds the model;
 - `num_classes`, `class_names` (null when the data set names none), `weights` (how they are
-  stored), `checkpoint`, `checkpoint_sha256`, `versions` (the producing packages).
+  stored), `checkpoint`, `checkpoint_sha256`, `versions` (the producing packages),
+  `popcount_layers` (null, or the binary layers whose XNOR-popcount sums an IREE module's
+  `popcounts_b<N>` returns, for the largest N, in this order).
 
 Nothing here imports JAX or Flax: the module is meant for devices that have neither. Errors
 in what the user gives (an artifact, an image) raise `DeployError` with a one-line message;
@@ -24,7 +26,7 @@ import numpy as np
 
 from bhvit_jax import transforms
 
-FORMAT = 'bhvit-deploy-v1'
+FORMAT = 'bhvit-deploy-v2'
 # The package that runs each runtime's artifacts, and those that write them (the sidecar
 # records the exporters' versions).
 RUNTIME_PACKAGES = {'iree': 'iree-base-runtime', 'onnx': 'onnxruntime'}
@@ -93,8 +95,8 @@ def _first_line(e: Exception) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _load_iree(artifact: str, threads):
-  """`images -> logits` of an IREE module on the CPU's task driver."""
+def load_iree_module(artifact: str, threads=None):
+  """An IREE module on the CPU's task driver; its functions are attributes."""
   import iree.runtime as ireert  # pylint: disable=g-import-not-at-top  (checked by the caller)
   with open(artifact, 'rb') as f:
     data = f.read()
@@ -105,8 +107,14 @@ def _load_iree(artifact: str, threads):
     module = ireert.load_vm_flatbuffer(data, driver='local-task')
   except RuntimeError as e:
     raise DeployError(f'{artifact} is not a loadable IREE module: {_first_line(e)}') from None
+  return module
+
+
+def _load_iree(artifact: str, threads):
+  """`images -> logits` of an IREE module: the function of the images' batch size."""
+  module = load_iree_module(artifact, threads)
   # A copy: the host view aliases a buffer that the next call reuses.
-  return lambda images: np.array(module.main(images).to_host())
+  return lambda images: np.array(getattr(module, f'main_b{len(images)}')(images).to_host())
 
 
 def _load_onnx(artifact: str, threads):
@@ -142,7 +150,7 @@ class Model:
     _check_runtime(artifact, self.meta)
     load = _load_iree if self.meta['runtime'] == 'iree' else _load_onnx
     self._run = load(artifact, threads)
-    self.batch = self.meta['batch']
+    self.batches = self.meta['batches']
 
   def preprocess(self, image) -> np.ndarray:
     """PIL image or uint8 `[H, W, 3]` -> normalised float32 `[S, S, 3]`."""
@@ -154,17 +162,23 @@ class Model:
   def predict_logits(self, images: np.ndarray) -> np.ndarray:
     """float32 `[N, S, S, 3]` (preprocessed) -> float32 logits `[N, classes]`.
 
-    With a fixed batch the last chunk is padded with zeros and the padding dropped.
+    Fixed batch sizes: each call takes the smallest size that holds the remaining images (else
+    the largest); a last call's padding (zeros) is dropped.
     """
     images = np.asarray(images, np.float32)
-    step = self.batch or DYNAMIC_CHUNK
     out = []
-    for start in range(0, len(images), step):
-      chunk = images[start:start + step]
+    start = 0
+    while start < len(images):
+      remaining = len(images) - start
+      if self.batches:
+        size = next((b for b in self.batches if b >= remaining), self.batches[-1])
+      else:
+        size = min(remaining, DYNAMIC_CHUNK)
+      chunk = images[start:start + size]
       count = len(chunk)
-      if self.batch:
-        chunk = np.pad(chunk, [(0, step - count)] + [(0, 0)] * (chunk.ndim - 1))
+      chunk = np.pad(chunk, [(0, size - count)] + [(0, 0)] * (chunk.ndim - 1))
       out.append(self._run(chunk)[:count])
+      start += count
     return np.concatenate(out) if out else np.zeros((0, self.meta['num_classes']), np.float32)
 
 

@@ -125,6 +125,7 @@ def _binary_layer(module, x, entry, products: str):
       planes = [_im2col(module, p.reshape(p.shape[:3] + (-1,))) for p in planes]
     dot = xnor_popcount_dot(*planes, w_sign, w_nonzero)
     dot = dot.reshape(dot.shape[:-2] + (-1,))
+    module.sow('intermediates', 'popcount', dot)
   else:
     dot = _float_products(module, jnp.sign(x) if module.input_bits == 1 else x, entry)
   dot = dot.astype(jnp.float32)
@@ -199,12 +200,17 @@ def _interceptor(packed, products: str):
 PRODUCTS = ('popcount', 'float')
 
 
-def apply(model: model_lib.BHViT, packed, images, products: str = 'popcount'):
+def apply(model: model_lib.BHViT, packed, images, products: str = 'popcount',
+          popcounts: bool = False):
   """Eval-mode logits `[B, classes]` of the packed model; `packed` is `load`'s `arrays`.
 
   `products`: how binary layers multiply signs: 'popcount' (XNOR-popcount on uint32 words) or
   'float' (float32 ±1/0 operands unpacked from the same words, for runtimes without a
   popcount, e.g. ONNX). Both sum integers exactly (float32 holds sums below 2**24).
+  `popcounts` (with 'popcount'): returns (logits, {module path: int32 `[N, ..., O]`}), the
+  XNOR-popcount sums of every binary layer with 1-bit inputs (N: the images, times the windows
+  in attention), the integer part that another compiler of this function must reproduce
+  exactly.
   """
   if products not in PRODUCTS:
     raise config_lib.UserError(f'unknown products {products!r}; expected one of {PRODUCTS}')
@@ -212,7 +218,12 @@ def apply(model: model_lib.BHViT, packed, images, products: str = 'popcount'):
                            if jnp.issubdtype(v.dtype, jnp.floating) else v,
                            packed['variables'])
   with nn.intercept_methods(_interceptor(packed, products)):
-    return model.apply(variables, images, train=False)
+    if not popcounts:
+      return model.apply(variables, images, train=False)
+    logits, state = model.apply(variables, images, train=False, mutable='intermediates')
+  sums = flax.traverse_util.flatten_dict(state['intermediates'])
+  return logits, {'/'.join(path[:-1]): value[0] for path, value in sums.items()
+                  if path[-1] == 'popcount'}
 
 
 def _fold_norm(params, stats):

@@ -1,5 +1,9 @@
-"""tools/export_deploy.py's IREE module and ONNX model against the JAX packed inference, and
-bhvit_jax.predict in-process and in a virtual environment that has no JAX.
+"""tools/export_deploy.py's IREE module and ONNX model against the JAX float and packed models,
+and bhvit_jax.predict in-process and in a virtual environment that has no JAX.
+
+The models are the tiny geometry of test_tools.TINY_CONFIG with gsb off and on, trained for a
+few dozen steps (tests/data/deploy_gsb*.msgpack, written by tests/make_deploy_fixtures.py), so
+BatchNorm statistics and quantizer calibration are real and held-out top-1 is far above chance.
 
 The exporters (IREE's compiler, onnx) and both runtimes are in the `test` extra: without them
 these tests fail."""
@@ -16,77 +20,153 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from bhvit_jax import checkpoint as ckpt_lib
 from bhvit_jax import config_lib
-from bhvit_jax import convert
 from bhvit_jax import data as data_lib
 from bhvit_jax import deploy_runtime
 from bhvit_jax import model as model_lib
 from bhvit_jax import packed
 from bhvit_jax import predict
-import test_tools
+from bhvit_jax import reference
+import make_deploy_fixtures
 import programs
 
 REPO = programs.REPO
-NUM_IMAGES = 3  # with the IREE module's batch of 2: one full and one padded call
+NUM_IMAGES = 64  # held-out digits: the eval pipeline's first batch
+# Per gsb: one module serving two batch sizes, and (each function costs compile time) one.
+IREE_BATCHES = {False: (1, 16), True: (16,)}
+POPCOUNT_BATCH = 16
 FORMATS = ('iree', 'onnx')
 
 
 export_deploy = programs.load_tool('export_deploy')
+# One xdist group per trained model, so the two expensive exports can run on both workers.
+GSB = {name: pytest.param(gsb, id=name, marks=pytest.mark.xdist_group(f'test_deploy:{name}'))
+       for name, gsb in (('gsb_off', False), ('gsb_on', True))}
 
 
-@pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  """{'config', 'model', 'variables', 'artifact': {format: path}, 'images': [png paths],
-  'root', 'jax_packed_logits'}; the ONNX model's batch is dynamic."""
-  root = tmp_path_factory.mktemp('deploy')
-  config_path = root / 'tiny.py'
-  config_path.write_text(test_tools.TINY_CONFIG)
-  config = config_lib.load_config_file(str(config_path))
+@pytest.fixture(scope='module', params=GSB.values())
+def exported(request, tmp_path_factory):
+  """{'config' (file), 'model', 'arrays' (packed), 'checkpoint', 'artifact': {format: path},
+  'images': [png paths], 'batch' and 'labels' (the eval pipeline's), 'root', 'logits': {'float',
+  'packed'}, 'popcounts': {layer: int32}, 'gsb'} of one trained fixture on the held-out digits;
+  the IREE module has IREE_BATCHES[gsb] and popcounts_b16, the ONNX model a dynamic batch."""
+  gsb = request.param
+  root = tmp_path_factory.mktemp(f'deploy_gsb{int(gsb)}')
+  config_path = make_deploy_fixtures.write_config(root / 'tiny.py', gsb)
+  config = config_lib.load_config_file(config_path)
   model = model_lib.build(config.model)
-  variables = test_tools._random_variables(model)  # pylint: disable=protected-access
-  checkpoint = root / 'vars.msgpack'
-  convert.save_flax_file(variables, checkpoint)
+  checkpoint = str(make_deploy_fixtures.fixture_path(gsb))
+  variables = ckpt_lib.load_any(checkpoint, model)  # raises on a file of another model
   artifact = {'iree': str(root / 'tiny.vmfb'), 'onnx': str(root / 'tiny.onnx')}
-  export_deploy.export(str(config_path), str(checkpoint), 'iree', 'host', 2, artifact['iree'])
-  export_deploy.export(str(config_path), str(checkpoint), 'onnx', 'host', None, artifact['onnx'])
+  export_deploy.export(config, checkpoint, 'iree', 'host',
+                       ','.join(map(str, IREE_BATCHES[gsb])), artifact['iree'], popcounts=True)
+  # Through the command line: its default is a dynamic batch.
+  assert export_deploy.main(['export_deploy', '--config', config_path, '--checkpoint',
+                             checkpoint, '--format', 'onnx', '--out', artifact['onnx']]) == 0
   source = data_lib.make_source(config, config.data.eval_split)
   images = []
   for i in range(NUM_IMAGES):
     images.append(str(root / f'digit{i}.png'))
     Image.fromarray(source[i][0]).save(images[-1])
-  # The JAX packed model on the eval pipeline's batch of the same images.
-  batch = next(iter(data_lib.build_eval_iter(config)))['image'][:NUM_IMAGES]
+  # The JAX models on the eval pipeline's batch of the same images.
+  batch = next(iter(data_lib.build_eval_iter(config)))
+  assert len(batch['image']) == NUM_IMAGES
   arrays = packed.arrays(packed.export(model, variables))
-  logits = np.asarray(jax.jit(lambda a, x: packed.apply(model, a, x))(arrays, batch))
-  return {'config': config, 'model': model, 'variables': variables, 'artifact': artifact,
-          'images': images, 'root': root, 'jax_packed_logits': logits}
+  logits = {'float': jax.jit(lambda v, x: model.apply(v, x, train=False))(variables,
+                                                                          batch['image'])}
+  logits['packed'], popcounts = jax.jit(
+      lambda a, x: packed.apply(model, a, x, popcounts=True))(arrays, batch['image'])
+  return {'config': config_path, 'model': model, 'arrays': arrays, 'checkpoint': checkpoint,
+          'artifact': artifact, 'images': images, 'batch': batch['image'],
+          'labels': batch['label'], 'root': root,
+          'logits': {k: np.asarray(v) for k, v in logits.items()}, 'popcounts': popcounts,
+          'gsb': gsb}
+
+
+def _runtime_logits(artifact, files, threads=1):
+  """Logits of `artifact` on image files through the runtime's own preprocessing."""
+  model = deploy_runtime.Model(artifact, threads=threads)
+  return model.predict_logits(np.stack([model.preprocess(deploy_runtime.load_image(p))
+                                        for p in files]))
+
+
+def _top1(logits, labels) -> float:
+  return float(np.mean(np.argmax(logits, -1) == labels))
 
 
 @pytest.mark.parametrize('fmt', FORMATS)
-def test_artifact_logits_equal_the_jax_packed_model(exported, fmt):
+def test_artifact_logits_equal_the_jax_models(exported, fmt):
   """Digit files through the runtime's preprocessing vs the eval pipeline's batch in JAX."""
-  model = deploy_runtime.Model(exported['artifact'][fmt], threads=1)
-  images = np.stack([model.preprocess(deploy_runtime.load_image(p))
-                     for p in exported['images']])
-  logits = model.predict_logits(images)
-  want = exported['jax_packed_logits']
-  assert logits.shape == want.shape
-  np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5 * np.abs(want).max())
-  np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(want, -1))
-  meta = model.meta
+  artifact = exported['artifact'][fmt]
+  logits = _runtime_logits(artifact, exported['images'])
+  labels = exported['labels']
+  want = exported['logits']
+  assert _top1(want['float'], labels) > 0.5  # chance: 0.1
+  for name in ('float', 'packed'):
+    assert logits.shape == want[name].shape
+    assert reference.rel_error(logits, want[name]) <= 1e-5, name
+    np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(want[name], -1), name)
+    assert _top1(logits, labels) == _top1(want[name], labels), name
+  meta = deploy_runtime.read_sidecar(artifact)
   assert (meta['image_size'], meta['class_names']) == (32, list('0123456789'))
-  assert (meta['runtime'], meta['batch']) == ((fmt, 2) if fmt == 'iree' else (fmt, None))
+  assert (meta['runtime'], meta['batches']) == (
+      (fmt, list(IREE_BATCHES[exported['gsb']])) if fmt == 'iree' else (fmt, None))
 
 
+def test_iree_integer_parts_equal_the_jax_packed_model(exported):
+  """The module's `popcounts_b16`, compiled beside its `main_b*` from the same packed
+  function, returns every binary layer's int32 XNOR-popcount sums: equal to JAX's, exactly."""
+  artifact = exported['artifact']['iree']
+  meta = deploy_runtime.read_sidecar(artifact)
+  want = exported['popcounts']
+  # The demo's binary layers all take 1-bit inputs: convs, q/k/v, projections, MLPs.
+  assert meta['popcount_layers'] == sorted(want) == sorted(exported['arrays']['binary'])
+  module = deploy_runtime.load_iree_module(artifact)
+  batch = POPCOUNT_BATCH
+  for start in range(0, NUM_IMAGES, batch):
+    got = getattr(module, f'popcounts_b{batch}')(exported['batch'][start:start + batch])
+    assert len(got) == len(want)
+    for name, value in zip(meta['popcount_layers'], got):
+      value = np.asarray(value.to_host())
+      assert value.dtype == np.int32, name
+      # Attention layers run on windows: their leading axis is images x windows.
+      per_image = np.asarray(want[name]).reshape(NUM_IMAGES, -1)
+      np.testing.assert_array_equal(value.reshape(batch, -1), per_image[start:start + batch],
+                                    name)
+
+
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
+def test_one_iree_module_serves_every_batch(exported):
+  """Each call takes the smallest function that holds the remaining images (padding dropped);
+  the functions share one copy of the weights."""
+  model = deploy_runtime.Model(exported['artifact']['iree'], threads=1)
+  images = exported['batch']
+  calls = []
+  run = model._run  # pylint: disable=protected-access
+
+  def recording(chunk):
+    calls.append(len(chunk))
+    return run(chunk)
+  model._run = recording  # pylint: disable=protected-access
+  for count, sizes in ((1, [1]), (5, [16]), (20, [16, 16])):
+    calls.clear()
+    logits = model.predict_logits(images[:count])
+    assert calls == sizes, count
+    assert reference.rel_error(logits, exported['logits']['packed'][:count]) <= 1e-5, count
+  # The functions share the weight constants: a dense layer's sign words are stored once.
+  words = np.asarray(exported['arrays']['binary']['layerB_1/intermediate/dense']['sign'])
+  assert pathlib.Path(exported['artifact']['iree']).read_bytes().count(words.tobytes()) == 1
+
+
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_predict_prints_and_writes_the_top_classes(exported, capsys, fmt):
   out = exported['root'] / f'pred_{fmt}.jsonl'
   predict.main(['--artifact', exported['artifact'][fmt], '--images', *exported['images'],
                 '--top', '3', '--out', str(out)])
   records = [json.loads(line) for line in out.read_text().splitlines()]
-  model = deploy_runtime.Model(exported['artifact'][fmt])
-  logits = model.predict_logits(np.stack([model.preprocess(deploy_runtime.load_image(p))
-                                          for p in exported['images']]))
+  logits = _runtime_logits(exported['artifact'][fmt], exported['images'], threads=None)
   assert [r['path'] for r in records] == exported['images']
   assert [r['top'][0][0] for r in records] == [str(i) for i in np.argmax(logits, -1)]
   np.testing.assert_array_equal([r['logits'] for r in records], logits)
@@ -95,13 +175,16 @@ def test_predict_prints_and_writes_the_top_classes(exported, capsys, fmt):
 
 
 def _fails(capsys, fn, argv, match, one_line=True):
-  with pytest.raises(SystemExit) as info:
-    fn(argv)
+  try:
+    code = fn(argv)
+  except SystemExit as e:  # predict exits itself; the tools return cli.run's status
+    code = e.code
   err = capsys.readouterr().err
-  assert info.value.code == 2 and err.startswith('error: '), err
+  assert code == 2 and err.startswith('error: '), err
   assert match in err.splitlines()[0] and (err.count('\n') == 1 or not one_line), err
 
 
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
   broken = tmp_path / 'broken.png'
   broken.write_bytes(b'not an image')
@@ -123,22 +206,27 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
       pathlib.Path(exported['artifact']['onnx'] + '.json').read_text())
   _fails(capsys, predict.main, ['--artifact', str(damaged), '--images', exported['images'][0]],
          'damaged.onnx is not a loadable ONNX model')
-  # Export: an unknown target and a checkpoint of another configuration, nothing written.
-  checkpoint = exported['root'] / 'vars.msgpack'
-  config = exported['root'] / 'tiny.py'
+  # Export: bad flags and a checkpoint of another configuration, nothing written.
   target = tmp_path / 'x.vmfb'
-  _fails(capsys, export_deploy.main, ['--config', str(config), '--checkpoint', str(checkpoint),
-                                      '--target', 'riscv', '--out', str(target)],
-         "unknown --target 'riscv'")
-  _fails(capsys, export_deploy.main, ['--config', str(config), '--checkpoint', str(checkpoint),
-                                      '--format', 'tflite', '--out', str(target)],
-         "unknown --format 'tflite'")
-  _fails(capsys, export_deploy.main, ['--config', str(REPO / 'configs' / 'demo.py'),
-                                      '--checkpoint', str(checkpoint), '--out', str(target)],
+  common = ['export_deploy', '--config', exported['config'], '--checkpoint', exported['checkpoint'],
+            '--out', str(target)]
+  for flags, match in ((['--target', 'riscv'], "unknown --target 'riscv'"),
+                       (['--format', 'tflite'], "unknown --format 'tflite'"),
+                       (['--batch', '0,16'], "--batch sizes must be at least 1 ('0,16')"),
+                       (['--batch', '1,x'],
+                        "--batch must be positive integers separated by commas, not '1,x'"),
+                       (['--format', 'onnx', '--batch', '1,16'],
+                        "--format onnx takes one --batch size or none (dynamic), not '1,16'"),
+                       (['--frmat', 'onnx'], 'unrecognized arguments: --frmat onnx')):
+    _fails(capsys, export_deploy.main, common + flags, match)
+  _fails(capsys, export_deploy.main, ['export_deploy', '--config',
+                                      str(REPO / 'configs' / 'demo.py'), '--checkpoint',
+                                      exported['checkpoint'], '--out', str(target)],
          'was it written with another model config', one_line=False)  # + the shape listing
-  assert not list(tmp_path.glob('x.vmfb*'))
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(('x.', '.x.'))]
 
 
+@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 def test_predict_runs_in_a_virtual_environment_without_jax(exported, tmp_path):
   """numpy + pillow + the two runtimes only (pip may use its cache)."""
   start = time.perf_counter()
