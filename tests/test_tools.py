@@ -265,9 +265,10 @@ def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_f
   """The tool's float32 logits are the model's on the reference's pixels, and that model is
   the official one: equal to rounding in float64 on every image. In float32 an activation
   within ~1e-7 of zero can take the other sign in two implementations that sum in other
-  orders, which moves that image's logits by 1e-4 or more (the fixtures' README): here 2 of
-  the 20 images (the official float32 run itself parts from its float64 run on 5), with the
-  official initial weights too (1 of 20), so float32 is judged on most images, not all."""
+  orders, which moves that image's logits by 1e-4 or more: here 5 of the 20 images (the
+  official float32 run itself parts from its float64 run on 9), with the official initial
+  weights 1 or 2 of 20. docs/fixtures.md traces where: the reference's float32 sums of binary
+  products, whose order XLA cannot reproduce. So float32 is judged on most images, not all."""
   import torch  # pylint: disable=g-import-not-at-top
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
   from bhvit_jax import official  # pylint: disable=g-import-not-at-top
