@@ -265,9 +265,12 @@ def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_f
   """The tool's float32 logits are the model's on the reference's pixels, and that model is
   the official one: equal to rounding in float64 on every image. In float32 an activation
   within ~1e-7 of zero can take the other sign in two implementations that sum in other
-  orders, which moves that image's logits by 1e-4 or more (the fixtures' README): here 2 of
-  the 20 images (the official float32 run itself parts from its float64 run on 5), with the
-  official initial weights too (1 of 20), so float32 is judged on most images, not all."""
+  orders, which moves that image's logits by 1e-4 or more: here 5 of the 20 images (the
+  official float32 run itself parts from its float64 run on 9), with the official initial
+  weights 1 or 2 of 20. docs/fixtures.md traces where: the reference's float32 sums of binary
+  products, whose order XLA cannot reproduce. So float32 is judged against the float64 truth:
+  ours must be within 1e-5 of it on at least as many images as the official float32 run is
+  (measured 13 vs 11 of 20)."""
   import torch  # pylint: disable=g-import-not-at-top
   from bhvit_jax import convert  # pylint: disable=g-import-not-at-top
   from bhvit_jax import official  # pylint: disable=g-import-not-at-top
@@ -300,12 +303,13 @@ def test_evaluate_image_folder_matches_the_official_model(evaluate_tool, photo_f
     want32 = torch_model(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))[0].numpy()
     want = torch_model.double()(torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(
         np.float64)))[0]
-  rel32 = np.linalg.norm(logits - want32, axis=1) / np.linalg.norm(want32, axis=1)
-  assert np.mean(rel32 <= 1e-5) >= 0.75, rel32
+  want64 = want.numpy()
+  rel = lambda a: np.linalg.norm(a - want64, axis=1) / np.linalg.norm(want64, axis=1)
+  assert np.sum(rel(logits) <= 1e-5) >= np.sum(rel(want32) <= 1e-5), (rel(logits), rel(want32))
   with jax.enable_x64(True):
     got = np.asarray(apply(jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64),
                                                   variables), pixels.astype(np.float64)))
-  for row, mine, ref in zip(rows, got, want.numpy()):
+  for row, mine, ref in zip(rows, got, want64):
     assert np.linalg.norm(mine - ref) <= 1e-9 * np.linalg.norm(ref), row['path']
 
 
