@@ -99,7 +99,7 @@ def _load_iree(artifact: str, threads):
   with open(artifact, 'rb') as f:
     data = f.read()
   # One thread: the synchronous driver runs the dispatches on the calling thread, without the
-  # task system's hand-off to a worker (~0.1 ms of a 32² model's 0.3–0.4 ms per image).
+  # task system's hand-off to a worker (0.14–0.18 ms less per call at 32²; docs/performance.md).
   driver = 'local-sync' if threads == 1 else 'local-task'
   if threads is not None:
     # A process-wide flag, read when the process first creates the task driver.

@@ -118,7 +118,7 @@ def conv_taps(x, k: int, stride: int, dilation: int, padding: int):
   """`[B, H, W, ...]` -> the k·k inputs `[B, H', W', ...]` of a conv's kernel positions, in the
   HWIO kernel's (kh, kw) order: strided slices of x zero-padded (False for bool inputs), whose
   sign is 0 as in the float model."""
-  b, h, w = x.shape[:3]
+  h, w = x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding)) + ((0, 0),) * (x.ndim - 3))
   out_h = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
   out_w = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1

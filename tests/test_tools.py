@@ -319,8 +319,8 @@ def test_evaluate_ema_of_a_run_without_ema_is_one_user_error(tiny, evaluate_tool
 
 
 def test_benchmark_iree_dispatch_profile_accounts_for_every_dispatch(tmp_path):
-  """A two-layer module: the profile's kinds add up to its dispatch count, and its span splits
-  into time in dispatches and time between them."""
+  """A two-layer module: the profile's kinds add up to its dispatch count, and the median call's
+  dispatches (run one after another on the synchronous driver) fit in its span."""
   from iree import compiler  # pylint: disable=g-import-not-at-top
   benchmark = programs.load_tool('benchmark')
   assert [benchmark.dispatch_kind(n) for n in (
@@ -338,7 +338,7 @@ def test_benchmark_iree_dispatch_profile_accounts_for_every_dispatch(tmp_path):
   assert profile['dispatches'] >= 2
   assert sum(n for n, _ in profile['kinds'].values()) == pytest.approx(profile['dispatches'])
   assert all(ms > 0 for _, ms in profile['kinds'].values())
-  assert profile['span_ms'] == pytest.approx(profile['dispatch_ms'] + profile['gap_ms'])
+  assert 0 < profile['dispatch_ms'] <= profile['span_ms']
 
 
 def test_benchmark_data_mode_reports_images_per_second_per_worker(monkeypatch, capsys):
