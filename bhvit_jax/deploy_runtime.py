@@ -100,11 +100,14 @@ def load_iree_module(artifact: str, threads=None):
   import iree.runtime as ireert  # pylint: disable=g-import-not-at-top  (checked by the caller)
   with open(artifact, 'rb') as f:
     data = f.read()
+  # One thread: the synchronous driver runs the dispatches on the calling thread, without the
+  # task system's hand-off to a worker (0.14–0.18 ms less per call at 32²; docs/performance.md).
+  driver = 'local-sync' if threads == 1 else 'local-task'
   if threads is not None:
     # A process-wide flag, read when the process first creates the task driver.
     ireert.flags.parse_flags(f'--task_topology_max_group_count={threads}')
   try:
-    module = ireert.load_vm_flatbuffer(data, driver='local-task')
+    module = ireert.load_vm_flatbuffer(data, driver=driver)
   except RuntimeError as e:
     raise DeployError(f'{artifact} is not a loadable IREE module: {_first_line(e)}') from None
   return module
@@ -142,7 +145,8 @@ def _load_onnx(artifact: str, threads):
 class Model:
   """A loaded artifact: `predict_logits(images)` on preprocessed images, `preprocess(image)`.
 
-  `threads`: the runtime's worker threads (None: its default, one per core).
+  `threads`: the runtime's worker threads (None: its default, one per core; IREE runs a single
+  thread's work on the calling thread).
   """
 
   def __init__(self, artifact: str, threads=None):

@@ -18,8 +18,9 @@ binary layers and the BatchNorms by their packed forms, so the network structure
 duplicated here. Binary layers compute `Σ sign(x)·sign(w)` as XNOR-popcount over uint32 words
 with a nonzero bit-plane for the activations, which handles sign(0) = 0 exactly, including the
 zero padding of convs (padded positions carry nonzero = 0) and the unused tail bits of the last
-word. Activations are packed before a conv's im2col (each tap's channels in words of their own;
-the weights are regrouped to match), so the patches gather uint32 words instead of floats.
+word. A conv packs its input once (each kernel position's channels in words of their own; the
+weights are regrouped to match) and sums the popcounts of the k·k shifted views of those words,
+with no im2col buffer.
 The attention products q·kᵀ and P·v have no weights and run as in the float model.
 """
 import json
@@ -84,28 +85,46 @@ def xnor_popcount_dot(a_sign, a_nonzero, w_sign, w_nonzero=None):
   Returns:
     int32 `[..., G, O]`: (#agreeing − #disagreeing) over positions where both are nonzero.
   """
-  count = lambda v: jnp.sum(jax.lax.population_count(v).astype(jnp.int32), axis=-1)
-  a_sign, a_nonzero = a_sign[..., None, :], a_nonzero[..., None, :]
-  if w_nonzero is None:
-    return count(a_nonzero) - 2 * count(a_nonzero & (a_sign ^ w_sign))
-  both = a_nonzero & w_nonzero
-  return count(both) - 2 * count(both & (a_sign ^ w_sign))
+  return xnor_popcount_taps([(a_sign, a_nonzero)], w_sign, w_nonzero)
 
 
-def im2col(x, k: int, stride: int, dilation: int, padding: int, groups: int):
-  """`[B, H, W, C]` -> `[B, H', W', groups, k·k·C/groups]` in the HWIO kernel's (kh, kw, c) order.
+def xnor_popcount_taps(taps, w_sign, w_nonzero=None):
+  """`xnor_popcount_dot` of a fan-in split into taps (a conv's kernel positions).
 
-  Padding is with zeros (False for bool inputs), whose sign is 0 as in the float model.
+  Args:
+    taps: `[(a_sign, a_nonzero)]`, uint32 `[..., G, W]` each; tap t meets the weight words
+      `t·W .. (t+1)·W − 1`.
+    w_sign: uint32 `[G, O, len(taps)·W]`; w_nonzero: same or None.
+  Returns:
+    int32 `[..., G, O]`.
   """
-  b, h, w, c = x.shape
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  # The taps' popcounts are added before the one reduction over words: compilers then read
+  # each tap's (shifted) activations in place, where an im2col buffer costs one copy per tap
+  # (IREE: one dispatch per tap and plane).
+  words = taps[0][0].shape[-1]
+  active = differ = 0
+  for t, (a_sign, a_nonzero) in enumerate(taps):
+    tap = slice(t * words, (t + 1) * words)
+    both = a_nonzero[..., None, :]
+    if w_nonzero is not None:
+      both = both & w_nonzero[..., tap]
+    active = active + jax.lax.population_count(both).astype(jnp.int32)
+    differ = differ + jax.lax.population_count(
+        both & (a_sign[..., None, :] ^ w_sign[..., tap])).astype(jnp.int32)
+  return jnp.sum(active, axis=-1) - 2 * jnp.sum(differ, axis=-1)
+
+
+def conv_taps(x, k: int, stride: int, dilation: int, padding: int):
+  """`[B, H, W, ...]` -> the k·k inputs `[B, H', W', ...]` of a conv's kernel positions, in the
+  HWIO kernel's (kh, kw) order: strided slices of x zero-padded (False for bool inputs), whose
+  sign is 0 as in the float model."""
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding)) + ((0, 0),) * (x.ndim - 3))
   out_h = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
   out_w = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-  taps = [xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
+  return [xp[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
              j * dilation:j * dilation + stride * (out_w - 1) + 1:stride]
           for i in range(k) for j in range(k)]
-  cols = jnp.stack(taps, axis=3).reshape(b, out_h, out_w, k * k, groups, c // groups)
-  return cols.transpose(0, 1, 2, 4, 3, 5).reshape(b, out_h, out_w, groups, -1)
 
 
 def _binary_layer(module, x, entry, products: str):
@@ -118,12 +137,13 @@ def _binary_layer(module, x, entry, products: str):
     taps = module.kernel_size ** 2 if conv else 1
     w_sign, w_nonzero = (_tap_words(entry.get(k), taps, x.shape[-1], groups)
                          for k in ('sign', 'nonzero'))
-    # Packing before the im2col gathers words, not floats, and zero padding gives words
-    # whose nonzero bits are all 0, which contribute nothing.
+    # Packing before the taps are taken shifts words, not floats, and zero padding gives
+    # words whose nonzero bits are all 0, which contribute nothing.
     planes = pack_signs(x)
-    if conv:
-      planes = [_im2col(module, p.reshape(p.shape[:3] + (-1,))) for p in planes]
-    dot = xnor_popcount_dot(*planes, w_sign, w_nonzero)
+    taps = (list(zip(*(conv_taps(p, module.kernel_size, module.stride, module.dilation,
+                                 module.padding) for p in planes)))
+            if conv else [planes])
+    dot = xnor_popcount_taps(taps, w_sign, w_nonzero)
     dot = dot.reshape(dot.shape[:-2] + (-1,))
     module.sow('intermediates', 'popcount', dot)
   else:
@@ -155,11 +175,6 @@ def _signs(entry, groups: int, fan_in: int):
   unpack = lambda k: unpack_bits(entry[k].reshape(groups, -1, entry[k].shape[-1]), fan_in)
   signs = jnp.where(unpack('sign'), 1, -1)
   return signs * unpack('nonzero') if 'nonzero' in entry else signs
-
-
-def _im2col(module, x):
-  return im2col(x, module.kernel_size, module.stride, module.dilation, module.padding,
-                module.groups)
 
 
 def _tap_words(words, taps: int, fan_in: int, groups: int):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -319,6 +320,29 @@ def test_evaluate_ema_of_a_run_without_ema_is_one_user_error(tiny, evaluate_tool
     evaluate_tool.evaluate_checkpoint(config, paths['orbax'], ema=True)
   with pytest.raises(config_lib.UserError, match='has no checkpoints_best/'):
     evaluate_tool.evaluate_checkpoint(config, paths['orbax'] + ':best')
+
+
+def test_benchmark_iree_dispatch_profile_accounts_for_every_dispatch(tmp_path):
+  """A two-layer module: the profile's kinds add up to its dispatch count, and the median call's
+  dispatches (run one after another on the synchronous driver) fit in its span."""
+  from iree import compiler  # pylint: disable=g-import-not-at-top
+  benchmark = programs.load_tool('benchmark')
+  assert [benchmark.dispatch_kind(n) for n in (
+      'main_dispatch_29_reduction_64x32x9_i32', 'main_dispatch_3_slow_memcpy',
+      'main_dispatch_128_softmax_196x2x197x197xf32_dispatch_tensor_store',
+      '_encoding_2_encode_392x197x197xf32_to_392x197x197xf32')] == [
+          'reduction', 'slow_memcpy', 'softmax', 'encode']
+  w = np.random.RandomState(0).randn(8 * 8 * 3, 16).astype(np.float32)
+  fn = jax.jit(lambda x: jax.nn.softmax(jnp.tanh(x.reshape(1, -1) @ w) @ w.T))
+  mlir = jax.export.export(fn)(jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)).mlir_module()
+  module = tmp_path / 'tiny.vmfb'
+  module.write_bytes(compiler.compile_str(mlir, target_backends=['llvm-cpu'],
+                                          input_type='stablehlo'))
+  profile = benchmark.iree_dispatch_profile(str(module), 8, calls=3)
+  assert profile['dispatches'] >= 2
+  assert sum(n for n, _ in profile['kinds'].values()) == pytest.approx(profile['dispatches'])
+  assert all(ms > 0 for _, ms in profile['kinds'].values())
+  assert 0 < profile['dispatch_ms'] <= profile['span_ms']
 
 
 def test_benchmark_data_mode_reports_images_per_second_per_worker(monkeypatch, capsys):

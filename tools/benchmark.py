@@ -44,6 +44,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -524,6 +525,62 @@ def deploy_case(config, case: dict, repeats: int) -> dict:
           'latency_ms_all': [1e3 * t for t in single], 'peak_mem_gib': peak_rss_gib()}
 
 
+def _iree_tool(name: str, *args) -> str:
+  """stdout of one of iree-base-runtime's command-line tools, pinned to the first core."""
+  core = sorted(os.sched_getaffinity(0))[:1]
+  return subprocess.run([sys.executable, '-m', f'iree._runtime.scripts.{name}', *args],
+                        capture_output=True, text=True, check=True,
+                        preexec_fn=lambda: os.sched_setaffinity(0, core)).stdout
+
+
+def dispatch_kind(name: str) -> str:
+  """IREE's dispatch name `main_dispatch_<n>_<kind>_<shape>_<types>` -> kind; the
+  data-tiling relayouts (`_encoding_<n>_encode_...`) are 'encode'."""
+  if name.startswith('_encoding'):
+    return 'encode'
+  kind = re.sub(r'^main_dispatch_\d+_', '', name)
+  return re.split(r'_\d|_dispatch_tensor_store|xf32', kind)[0]
+
+
+def iree_dispatch_profile(module: str, size: int, calls: int) -> dict:
+  """`calls` calls of an IREE batch-1 module on one core, from IREE's HAL profiling (each
+  dispatch's execution span on the synchronous driver): dispatches per call; of the call with
+  the median span (its first dispatch's start to its last one's end), the time in dispatches
+  and in the gaps between them (the runtime's work per dispatch); and by dispatch kind: count
+  and time per call (each dispatch's median duration × its count)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as folder:
+    images, profile = os.path.join(folder, 'images.npy'), os.path.join(folder, 'run.ireeprof')
+    np.save(images, np.random.RandomState(0).randn(1, size, size, 3).astype(np.float32))
+    _iree_tool('iree_benchmark_module', f'--module={module}', '--device=local-sync',
+               '--function=main', f'--input=@{images}', '--benchmark_repetitions=1',
+               f'--benchmark_min_time={calls}x',
+               '--device_profiling_mode=host-execution,executable-metadata',
+               f'--device_profiling_output={profile}')
+    lines = _iree_tool('iree_profile', 'dispatch', '--dispatch_events', '--format=jsonl',
+                       profile).splitlines()
+  events = sorted((e for e in map(json.loads, lines) if e['type'] == 'host_dispatch_event'),
+                  key=lambda e: e['start_host_time_ns'])
+  per_call = len(events) // calls
+  spans, inside = [], []
+  for i in range(calls):
+    call = events[i * per_call:(i + 1) * per_call]
+    spans.append(call[-1]['end_host_time_ns'] - call[0]['start_host_time_ns'])
+    inside.append(sum(e['duration_ns'] for e in call))
+  durations = collections.defaultdict(list)
+  for e in events:
+    durations[e['key']].append(e['duration_ns'])
+  kinds = collections.defaultdict(lambda: [0.0, 0.0])
+  for key, ns in durations.items():
+    kind = kinds[dispatch_kind(key)]
+    kind[0] += len(ns) / calls
+    kind[1] += np.median(ns) * len(ns) / calls / 1e6
+  median = np.argsort(spans)[calls // 2]
+  return {'dispatches': per_call, 'span_ms': spans[median] / 1e6,
+          'dispatch_ms': inside[median] / 1e6, 'gap_ms': (spans[median] - inside[median]) / 1e6,
+          'kinds': dict(sorted(kinds.items(), key=lambda kv: -kv[1][1]))}
+
+
 def deploy_cases(f, argv, tunables: bool) -> list[dict]:
   """Exports the artifacts once, then runs every (path, threads) case in its own process."""
   config = resolve_config(f)
@@ -540,6 +597,11 @@ def deploy_cases(f, argv, tunables: bool) -> list[dict]:
         case_argv = [sys.executable, os.path.abspath(__file__), *argv[1:], '--impl', 'deploy',
                      '--mode', 'deploy', '--deploy-case', json.dumps(case)]
         yield _run_subprocess(case_argv, tunables)
+    for model in files:
+      yield {'impl': 'deploy', 'mode': 'profile', 'model': model, 'path': 'iree',
+             'load_avg': os.getloadavg()[0],
+             **iree_dispatch_profile(files[model]['iree'][1], config.model.image_size,
+                                     f.repeats)}
 
 
 # ------------------------------------------------------------------ driver ---
@@ -660,6 +722,11 @@ def _describe_deploy(r: dict) -> str:
   if r['mode'] == 'sizes':
     return 'deploy sizes (bytes): ' + ', '.join(f'{k[:-6]} {v:,.0f}' for k, v in r.items()
                                                 if k.endswith('_bytes'))
+  if r['mode'] == 'profile':
+    kinds = ', '.join(f'{k} {n:.0f}× {ms:.3f} ms' for k, (n, ms) in r['kinds'].items())
+    return (f"deploy {r['model']:>6} iree profile, batch 1: {r['dispatches']} dispatches, span "
+            f"{r['span_ms']:.3f} ms = {r['dispatch_ms']:.3f} in dispatches + {r['gap_ms']:.3f} "
+            f"between ({kinds}) (load {r['load_avg']:.1f})")
   return (f"deploy {r['model']:>6} {r['path']:>10}, {r['threads']} thread(s): batch-1 "
           f"{r['latency_ms']:8.2f} ms (p90 {r['latency_p90_ms']:8.2f}), batch {DEPLOY_BATCH} "
           f"{r[f'batch{DEPLOY_BATCH}_images_per_s']:8.1f} images/s (load {r['load_avg']:.1f})")
