@@ -41,19 +41,19 @@ FORMATS = ('iree', 'onnx')
 
 
 export_deploy = programs.load_tool('export_deploy')
-# One xdist group per trained model, so the two expensive exports can run on both workers.
-GSB = {name: pytest.param(gsb, id=name, marks=pytest.mark.xdist_group(f'test_deploy:{name}'))
-       for name, gsb in (('gsb_off', False), ('gsb_on', True))}
+# The two trained models' exports are module fixtures of their own, so a test of one model
+# reuses its export; tests of both take `exported`. Each model is one xdist group (the name
+# conftest gives a module fixture's group), so the two exports can run on both workers.
+GSB = {name: pytest.param(name, marks=pytest.mark.xdist_group(f'{__name__}:{name}'))
+       for name in ('gsb_off', 'gsb_on')}
 
 
-@pytest.fixture(scope='module', params=GSB.values())
-def exported(request, tmp_path_factory):
+def _export(gsb, tmp_path_factory):
   """{'config' (file), 'model', 'arrays' (packed), 'checkpoint', 'artifact': {format: path},
   'images': [png paths], 'batch' and 'labels' (the eval pipeline's), 'root', 'logits': {'float',
   'packed'}, 'popcounts': {layer: int32}, 'gsb'} of one trained fixture on the held-out digits;
   the IREE module has IREE_BATCHES[gsb] (and popcounts_b16 with gsb), the ONNX model a dynamic
   batch."""
-  gsb = request.param
   root = tmp_path_factory.mktemp(f'deploy_gsb{int(gsb)}')
   config_path = make_deploy_fixtures.write_config(root / 'tiny.py', gsb)
   config = config_lib.load_config_file(config_path)
@@ -86,6 +86,21 @@ def exported(request, tmp_path_factory):
           'gsb': gsb}
 
 
+@pytest.fixture(scope='module')
+def gsb_off(tmp_path_factory):
+  return _export(False, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def gsb_on(tmp_path_factory):
+  return _export(True, tmp_path_factory)
+
+
+@pytest.fixture(params=GSB.values())
+def exported(request):
+  return request.getfixturevalue(request.param)
+
+
 def _runtime_logits(artifact, files, threads=1):
   """Logits of `artifact` on image files through the runtime's own preprocessing."""
   model = deploy_runtime.Model(artifact, threads=threads)
@@ -116,19 +131,18 @@ def test_artifact_logits_equal_the_jax_models(exported, fmt):
       (fmt, list(IREE_BATCHES[exported['gsb']])) if fmt == 'iree' else (fmt, None))
 
 
-@pytest.mark.parametrize('exported', [GSB['gsb_on']], indirect=True)
-def test_iree_integer_parts_equal_the_jax_packed_model(exported):
+def test_iree_integer_parts_equal_the_jax_packed_model(gsb_on):
   """The module's `popcounts_b16`, compiled beside its `main_b*` from the same packed
   function, returns every binary layer's int32 XNOR-popcount sums: equal to JAX's, exactly."""
-  artifact = exported['artifact']['iree']
+  artifact = gsb_on['artifact']['iree']
   meta = deploy_runtime.read_sidecar(artifact)
-  want = exported['popcounts']
+  want = gsb_on['popcounts']
   # The demo's binary layers all take 1-bit inputs: convs, q/k/v, projections, MLPs.
-  assert meta['popcount_layers'] == sorted(want) == sorted(exported['arrays']['binary'])
+  assert meta['popcount_layers'] == sorted(want) == sorted(gsb_on['arrays']['binary'])
   module = deploy_runtime.load_iree_module(artifact)
   batch = POPCOUNT_BATCH
   for start in range(0, NUM_IMAGES, batch):
-    got = getattr(module, f'popcounts_b{batch}')(exported['batch'][start:start + batch])
+    got = getattr(module, f'popcounts_b{batch}')(gsb_on['batch'][start:start + batch])
     assert len(got) == len(want)
     for name, value in zip(meta['popcount_layers'], got):
       value = np.asarray(value.to_host())
@@ -139,12 +153,11 @@ def test_iree_integer_parts_equal_the_jax_packed_model(exported):
                                     name)
 
 
-@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
-def test_one_iree_module_serves_every_batch(exported):
+def test_one_iree_module_serves_every_batch(gsb_off):
   """Each call takes the smallest function that holds the remaining images (padding dropped);
   the functions share one copy of the weights."""
-  model = deploy_runtime.Model(exported['artifact']['iree'], threads=1)
-  images = exported['batch']
+  model = deploy_runtime.Model(gsb_off['artifact']['iree'], threads=1)
+  images = gsb_off['batch']
   calls = []
   run = model._run  # pylint: disable=protected-access
 
@@ -156,21 +169,20 @@ def test_one_iree_module_serves_every_batch(exported):
     calls.clear()
     logits = model.predict_logits(images[:count])
     assert calls == sizes, count
-    assert reference.rel_error(logits, exported['logits']['packed'][:count]) <= 1e-5, count
+    assert reference.rel_error(logits, gsb_off['logits']['packed'][:count]) <= 1e-5, count
   # The functions share the weight constants: a dense layer's sign words are stored once.
-  words = np.asarray(exported['arrays']['binary']['layerB_1/intermediate/dense']['sign'])
-  assert pathlib.Path(exported['artifact']['iree']).read_bytes().count(words.tobytes()) == 1
+  words = np.asarray(gsb_off['arrays']['binary']['layerB_1/intermediate/dense']['sign'])
+  assert pathlib.Path(gsb_off['artifact']['iree']).read_bytes().count(words.tobytes()) == 1
 
 
-@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
 @pytest.mark.parametrize('fmt', FORMATS)
-def test_predict_prints_and_writes_the_top_classes(exported, capsys, fmt):
-  out = exported['root'] / f'pred_{fmt}.jsonl'
-  predict.main(['--artifact', exported['artifact'][fmt], '--images', *exported['images'],
+def test_predict_prints_and_writes_the_top_classes(gsb_off, capsys, fmt):
+  out = gsb_off['root'] / f'pred_{fmt}.jsonl'
+  predict.main(['--artifact', gsb_off['artifact'][fmt], '--images', *gsb_off['images'],
                 '--top', '3', '--out', str(out)])
   records = [json.loads(line) for line in out.read_text().splitlines()]
-  logits = _runtime_logits(exported['artifact'][fmt], exported['images'], threads=None)
-  assert [r['path'] for r in records] == exported['images']
+  logits = _runtime_logits(gsb_off['artifact'][fmt], gsb_off['images'], threads=None)
+  assert [r['path'] for r in records] == gsb_off['images']
   assert [r['top'][0][0] for r in records] == [str(i) for i in np.argmax(logits, -1)]
   np.testing.assert_array_equal([r['logits'] for r in records], logits)
   assert all(len(r['top']) == 3 for r in records)
@@ -187,31 +199,30 @@ def _fails(capsys, fn, argv, match, one_line=True):
   assert match in err.splitlines()[0] and (err.count('\n') == 1 or not one_line), err
 
 
-@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
-def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
+def test_bad_inputs_give_one_line_and_no_file(gsb_off, capsys, tmp_path):
   broken = tmp_path / 'broken.png'
   broken.write_bytes(b'not an image')
   out = tmp_path / 'pred.jsonl'
-  _fails(capsys, predict.main, ['--artifact', exported['artifact']['iree'], '--images',
-                                exported['images'][0], str(broken), '--out', str(out)],
+  _fails(capsys, predict.main, ['--artifact', gsb_off['artifact']['iree'], '--images',
+                                gsb_off['images'][0], str(broken), '--out', str(out)],
          'broken.png is not a readable image')
   assert not out.exists() and not pathlib.Path(str(out) + '.tmp').exists()
   # An artifact of another format version.
   other = tmp_path / 'other.vmfb'
-  other.write_bytes(pathlib.Path(exported['artifact']['iree']).read_bytes())
-  meta = json.loads(pathlib.Path(exported['artifact']['iree'] + '.json').read_text())
+  other.write_bytes(pathlib.Path(gsb_off['artifact']['iree']).read_bytes())
+  meta = json.loads(pathlib.Path(gsb_off['artifact']['iree'] + '.json').read_text())
   pathlib.Path(str(other) + '.json').write_text(json.dumps({**meta, 'format': 'bhvit-deploy-v0'}))
-  _fails(capsys, predict.main, ['--artifact', str(other), '--images', exported['images'][0]],
+  _fails(capsys, predict.main, ['--artifact', str(other), '--images', gsb_off['images'][0]],
          "another version of bhvit_jax (format 'bhvit-deploy-v0'")
   damaged = tmp_path / 'damaged.onnx'  # a damaged ONNX model
-  damaged.write_bytes(pathlib.Path(exported['artifact']['onnx']).read_bytes()[:1000])
+  damaged.write_bytes(pathlib.Path(gsb_off['artifact']['onnx']).read_bytes()[:1000])
   pathlib.Path(str(damaged) + '.json').write_text(
-      pathlib.Path(exported['artifact']['onnx'] + '.json').read_text())
-  _fails(capsys, predict.main, ['--artifact', str(damaged), '--images', exported['images'][0]],
+      pathlib.Path(gsb_off['artifact']['onnx'] + '.json').read_text())
+  _fails(capsys, predict.main, ['--artifact', str(damaged), '--images', gsb_off['images'][0]],
          'damaged.onnx is not a loadable ONNX model')
   # Export: bad flags and a checkpoint of another configuration, nothing written.
   target = tmp_path / 'x.vmfb'
-  common = ['export_deploy', '--config', exported['config'], '--checkpoint', exported['checkpoint'],
+  common = ['export_deploy', '--config', gsb_off['config'], '--checkpoint', gsb_off['checkpoint'],
             '--out', str(target)]
   for flags, match in ((['--target', 'riscv'], "unknown --target 'riscv'"),
                        (['--format', 'tflite'], "unknown --format 'tflite'"),
@@ -224,13 +235,12 @@ def test_bad_inputs_give_one_line_and_no_file(exported, capsys, tmp_path):
     _fails(capsys, export_deploy.main, common + flags, match)
   _fails(capsys, export_deploy.main, ['export_deploy', '--config',
                                       str(REPO / 'configs' / 'demo.py'), '--checkpoint',
-                                      exported['checkpoint'], '--out', str(target)],
+                                      gsb_off['checkpoint'], '--out', str(target)],
          'was it written with another model config', one_line=False)  # + the shape listing
   assert not [n for n in os.listdir(tmp_path) if n.startswith(('x.', '.x.'))]
 
 
-@pytest.mark.parametrize('exported', [GSB['gsb_off']], indirect=True)
-def test_predict_runs_in_a_virtual_environment_without_jax(exported, tmp_path):
+def test_predict_runs_in_a_virtual_environment_without_jax(gsb_off, tmp_path):
   """numpy + pillow + the two runtimes only (pip may use its cache)."""
   start = time.perf_counter()
   venv = tmp_path / 'venv'
@@ -241,17 +251,17 @@ def test_predict_runs_in_a_virtual_environment_without_jax(exported, tmp_path):
   subprocess.run([python, '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check',
                   'numpy', 'pillow', *runtimes], check=True)
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
-  for fmt, artifact in exported['artifact'].items():
+  for fmt, artifact in gsb_off['artifact'].items():
     out = tmp_path / f'pred_{fmt}.jsonl'
     run = subprocess.run([python, '-c', 'import importlib.util as u; '
                           'assert u.find_spec("jax") is None and u.find_spec("flax") is None; '
                           'from bhvit_jax import predict; predict.main()',
-                          '--artifact', artifact, '--images', *exported['images'],
+                          '--artifact', artifact, '--images', *gsb_off['images'],
                           '--out', str(out)], env=env, capture_output=True, text=True,
                          cwd=tmp_path, check=False)
     assert run.returncode == 0, run.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    want = predict.predict(artifact, exported['images'])
+    want = predict.predict(artifact, gsb_off['images'])
     assert [r['top'][0] for r in got] == [r['top'][0] for r in want], fmt
     np.testing.assert_array_equal([r['logits'] for r in got], [r['logits'] for r in want])
   print(f'fresh runtime environment + predict: {time.perf_counter() - start:.1f} s')
