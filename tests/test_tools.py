@@ -328,7 +328,7 @@ def test_benchmark_iree_dispatch_profile_accounts_for_every_dispatch(tmp_path):
   from iree import compiler  # pylint: disable=g-import-not-at-top
   benchmark = programs.load_tool('benchmark')
   assert [benchmark.dispatch_kind(n) for n in (
-      'main_dispatch_29_reduction_64x32x9_i32', 'main_dispatch_3_slow_memcpy',
+      'main_b1_dispatch_29_reduction_64x32x9_i32', 'main_b16_dispatch_3_slow_memcpy',
       'main_dispatch_128_softmax_196x2x197x197xf32_dispatch_tensor_store',
       '_encoding_2_encode_392x197x197xf32_to_392x197x197xf32')] == [
           'reduction', 'slow_memcpy', 'softmax', 'encode']
@@ -338,7 +338,7 @@ def test_benchmark_iree_dispatch_profile_accounts_for_every_dispatch(tmp_path):
   module = tmp_path / 'tiny.vmfb'
   module.write_bytes(compiler.compile_str(mlir, target_backends=['llvm-cpu'],
                                           input_type='stablehlo'))
-  profile = benchmark.iree_dispatch_profile(str(module), 8, calls=3)
+  profile = benchmark.iree_dispatch_profile(str(module), 8, calls=3, function='main')
   assert profile['dispatches'] >= 2
   assert sum(n for n, _ in profile['kinds'].values()) == pytest.approx(profile['dispatches'])
   assert all(ms > 0 for _, ms in profile['kinds'].values())

@@ -534,26 +534,27 @@ def _iree_tool(name: str, *args) -> str:
 
 
 def dispatch_kind(name: str) -> str:
-  """IREE's dispatch name `main_dispatch_<n>_<kind>_<shape>_<types>` -> kind; the
+  """IREE's dispatch name `<function>_dispatch_<n>_<kind>_<shape>_<types>` -> kind; the
   data-tiling relayouts (`_encoding_<n>_encode_...`) are 'encode'."""
   if name.startswith('_encoding'):
     return 'encode'
-  kind = re.sub(r'^main_dispatch_\d+_', '', name)
+  kind = re.sub(r'^\w*?_dispatch_\d+_', '', name)
   return re.split(r'_\d|_dispatch_tensor_store|xf32', kind)[0]
 
 
-def iree_dispatch_profile(module: str, size: int, calls: int) -> dict:
-  """`calls` calls of an IREE batch-1 module on one core, from IREE's HAL profiling (each
-  dispatch's execution span on the synchronous driver): dispatches per call; of the call with
-  the median span (its first dispatch's start to its last one's end), the time in dispatches
-  and in the gaps between them (the runtime's work per dispatch); and by dispatch kind: count
-  and time per call (each dispatch's median duration × its count)."""
+def iree_dispatch_profile(module: str, size: int, calls: int,
+                          function: str = 'main_b1') -> dict:
+  """`calls` calls of an IREE module's batch-1 `function` on one core, from IREE's HAL
+  profiling (each dispatch's execution span on the synchronous driver): dispatches per call;
+  of the call with the median span (its first dispatch's start to its last one's end), the
+  time in dispatches and in the gaps between them (the runtime's work per dispatch); and by
+  dispatch kind: count and time per call (each dispatch's median duration × its count)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as folder:
     images, profile = os.path.join(folder, 'images.npy'), os.path.join(folder, 'run.ireeprof')
     np.save(images, np.random.RandomState(0).randn(1, size, size, 3).astype(np.float32))
     _iree_tool('iree_benchmark_module', f'--module={module}', '--device=local-sync',
-               '--function=main', f'--input=@{images}', '--benchmark_repetitions=1',
+               f'--function={function}', f'--input=@{images}', '--benchmark_repetitions=1',
                f'--benchmark_min_time={calls}x',
                '--device_profiling_mode=host-execution,executable-metadata',
                f'--device_profiling_output={profile}')
