@@ -149,6 +149,10 @@ def output_file(path: str, what: str = '--out'):
   base, ext = os.path.splitext(os.path.basename(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{base}.', suffix=f'.partial{ext}')
   os.close(fd)
+  # mkstemp's file is private (0600); the output gets the mode of any file the user creates.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
   try:
     yield tmp
     os.replace(tmp, path)

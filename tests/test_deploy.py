@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import stat
 import subprocess
 import sys
 import time
@@ -126,6 +127,10 @@ def test_artifact_logits_equal_the_jax_models(exported, fmt):
     np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(want[name], -1), name)
     assert _top1(logits, labels) == _top1(want[name], labels), name
   meta = deploy_runtime.read_sidecar(artifact)
+  umask = os.umask(0)
+  os.umask(umask)
+  for path in (artifact, deploy_runtime.sidecar_path(artifact)):  # not mkstemp's private 0600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
   assert (meta['image_size'], meta['class_names']) == (32, list('0123456789'))
   assert (meta['runtime'], meta['batches']) == (
       (fmt, list(IREE_BATCHES[exported['gsb']])) if fmt == 'iree' else (fmt, None))
