@@ -180,7 +180,8 @@ class Model:
         size = min(remaining, DYNAMIC_CHUNK)
       chunk = images[start:start + size]
       count = len(chunk)
-      chunk = np.pad(chunk, [(0, size - count)] + [(0, 0)] * (chunk.ndim - 1))
+      if count < size:
+        chunk = np.pad(chunk, [(0, size - count)] + [(0, 0)] * (chunk.ndim - 1))
       out.append(self._run(chunk)[:count])
       start += count
     return np.concatenate(out) if out else np.zeros((0, self.meta['num_classes']), np.float32)

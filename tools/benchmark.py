@@ -456,9 +456,8 @@ def export_deploy_artifacts(config, folder: str) -> tuple[dict, dict]:
     convert.save_flax_file(variables, checkpoint)
     files[name] = {'checkpoint': checkpoint, 'iree': {}, 'onnx': {}}
     for fmt, batches in (('iree', (1, DEPLOY_BATCH)), ('onnx', (None,))):
-      out = os.path.join(folder, f'{name}_{batches[0]}.{"vmfb" if fmt == "iree" else fmt}')
-      for batch in batches:
-        path = out.replace(f'_{batches[0]}.', f'_{batch}.')
+      for batch in batches:  # None: ONNX's dynamic batch, one model for both sizes
+        path = os.path.join(folder, f'{name}_{batch}.{"vmfb" if fmt == "iree" else fmt}')
         export_deploy.export(model_config, checkpoint, fmt, 'host', batch, path)
         files[name][fmt].update({b: path for b in ((1, DEPLOY_BATCH) if batch is None
                                                    else (batch,))})
